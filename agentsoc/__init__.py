@@ -1,0 +1,1 @@
+"""agentsoc: multiagent finetuning of language models."""
