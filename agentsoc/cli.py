@@ -1,0 +1,130 @@
+"""``agentsoc run | jobs`` — the command line.
+
+Errors a user can fix (a recipe field, a data line, a backend name, a busy run directory) print one
+line on stderr and exit 2; a failure while running (a refused job, an exhausted retry) exits 1;
+Ctrl-C exits 130 and says how to resume. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agentsoc.backend import BackendError
+from agentsoc.config import RecipeError
+from agentsoc.society import IterationResult, RunDirError, Society
+from agentsoc.store import RunStore
+from agentsoc.tasks.base import DataError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, RunDirError, DataError, ValueError, FileNotFoundError)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_table(results: Sequence[IterationResult]) -> str:
+    """Held-out accuracy per iteration beside the per-round and Majority numbers, and data sizes."""
+    rounds = sorted(k for k in results[0].scores if k.startswith("round_"))
+    header = ["iter", "debate (final vote)", *[f"vote {r.replace('_', ' ')}" for r in rounds], "single agent", "data"]
+    rows = [header]
+    for r in results:
+        sizes = ", ".join(f"a{d['agent']}:{d['size']}{d['role'][0]}" for d in r.datasets) or "-"
+        rows.append(
+            [
+                str(r.iteration),
+                str(r.scores["debate"]),
+                *[str(r.scores[k]) for k in rounds],
+                str(r.scores["agent_round_0"]),
+                sizes,
+            ]
+        )
+    return _table(rows)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    society = Society.from_recipe(args.recipe, run_dir=args.run_dir, resume=args.resume, progress=not args.quiet)
+    print(f"run directory: {society.run_dir}", file=sys.stderr)
+    async with society:
+        results = await society.run()
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
+    else:
+        print(summary_table(results))
+        print("\naccuracy (%) ± standard error on held-out problems; 'vote round 0' = Majority of the agents.")
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.sqlite").exists():
+        raise RunDirError(f"{run_dir}: not an agentsoc run directory (no run.sqlite)")
+    store = RunStore.open(run_dir)
+    try:
+        jobs = store.jobs()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+        return 0
+    if not jobs:
+        print("no fine-tuning jobs yet")
+        return 0
+    rows = [["key", "backend", "id", "state", "result"]]
+    rows += [[j.key, j.backend, j.id, j.state.value, j.result or (j.error or "")] for j in jobs]
+    print(_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentsoc", description="Multiagent finetuning of language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe (debate, select, finetune, evaluate; L iterations)")
+    run.add_argument("recipe", help="path of a TOML recipe")
+    run.add_argument("--run-dir", type=Path, default=None, help="where the run lives (default runs/<recipe name>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir without repeating work")
+    run.add_argument("--json", action="store_true", help="print results as JSON")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
+
+    jobs = sub.add_parser("jobs", help="list the fine-tuning jobs of a run")
+    jobs.add_argument("run_dir")
+    jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(handler=_jobs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], Any] = args.handler
+    try:
+        out = handler(args)
+        if asyncio.iscoroutine(out):
+            out = asyncio.run(out)
+        return int(out)
+    except KeyboardInterrupt:
+        hint = ""
+        if getattr(args, "recipe", None):
+            run_dir = args.run_dir or Path("runs") / "<name>"
+            hint = f"; resume with: agentsoc run {args.recipe} --run-dir {run_dir} --resume"
+        print(f"interrupted — finished work is saved{hint}", file=sys.stderr)
+        return 130
+    except BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

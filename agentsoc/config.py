@@ -1,0 +1,162 @@
+"""The recipe: one TOML file that says everything a run does, validated by pydantic.
+
+Unknown or mistyped fields are errors that name the file and the field (``recipe.toml: society.
+agnets: unknown field``), because a silently ignored typo in a multi-hour run is the worst kind of
+bug. The resolved recipe is written into the run directory and hashed, so a resumed run can tell
+whether it is still the same experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agentsoc.types import FinetuneSpec, Sampling
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Section):
+    """Which benchmark, how many problems. Train and held-out problems never overlap."""
+
+    name: str
+    n_train: int = Field(default=500, ge=1)
+    n_test: int = Field(default=500, ge=1)
+    #: task-specific options (file paths, arithmetic difficulty); checked by the task itself
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BackendConfig(_Section):
+    """Which backend serves the models, and the one retry/concurrency policy around it."""
+
+    name: str = "auto"
+    #: calls in flight at once (one semaphore around the backend)
+    concurrency: int = Field(default=8, ge=1)
+    #: attempts per call for transient errors (429, 5xx, timeouts), including the first
+    max_attempts: int = Field(default=6, ge=1)
+    #: upper bound of one exponential back-off wait, seconds
+    max_backoff_s: float = Field(default=30.0, gt=0)
+    #: seconds between two polls of a fine-tuning job
+    poll_interval_s: float = Field(default=10.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SocietyConfig(_Section):
+    """The debating society: N agents, M rounds, and the ablation switches of DESIGN §4."""
+
+    agents: int = Field(default=3, ge=1)
+    rounds: int = Field(default=2, ge=1)
+    #: base model; one entry serves every agent, N entries give a heterogeneous society
+    models: list[str] = Field(min_length=1)
+    #: summarizer model; empty means the base model of agent 0 (the paper's choice)
+    summarizer: str = ""
+    #: summarize the other agents' answers (the paper's method) or paste them raw
+    summarize: bool = True
+    #: critics answer rounds >= 1; False keeps the generators in every round (w/o critic ablation)
+    critic: bool = True
+
+    @model_validator(mode="after")
+    def _models_match_agents(self) -> SocietyConfig:
+        if len(self.models) not in (1, self.agents):
+            raise ValueError(f"models: give 1 model or one per agent ({self.agents}), got {len(self.models)}")
+        return self
+
+    def base_models(self) -> list[str]:
+        return self.models * self.agents if len(self.models) == 1 else list(self.models)
+
+
+class SelectionConfig(_Section):
+    """How the vote selects training data (algorithm.md §4)."""
+
+    #: w: target share of "started wrong, corrected" (D^C-) examples in each critic set. The
+    #: reference code's coin flip gives about 2/3; all of D^C- is always kept.
+    critic_mix: float = Field(default=2 / 3, gt=0.0, le=1.0)
+    #: train critics on rounds >= 1 only (default) or on every assistant turn (paper-faithful)
+    critic_loss: Literal["later_rounds", "all_turns"] = "later_rounds"
+    #: a role whose dataset is smaller than this is not finetuned this iteration (kept as is)
+    min_examples: int = Field(default=1, ge=1)
+
+
+class FinetuneConfig(_Section):
+    iterations: int = Field(default=2, ge=0)
+    #: finetune each iteration from the base model instead of the slot's previous model
+    from_base: bool = False
+    #: one model trained on the union of all agents' data, used by every agent (ablation)
+    single_agent: bool = False
+    spec: FinetuneSpec = FinetuneSpec()
+
+
+class Recipe(_Section):
+    """A whole experiment."""
+
+    name: str
+    seed: int = 0
+    task: TaskConfig
+    backend: BackendConfig = BackendConfig()
+    society: SocietyConfig
+    sampling: Sampling = Sampling()
+    selection: SelectionConfig = SelectionConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    #: overrides of the task's prompt preset, by PromptSet field name
+    prompts: dict[str, str] = Field(default_factory=dict)
+    #: the folder of the recipe file; relative paths in task options resolve against it
+    base_dir: Path = Path(".")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\\0") or v.startswith("."):
+            raise ValueError("must be a non-empty file-name-safe string")
+        return v
+
+    def fingerprint(self) -> str:
+        """A hash of what determines results (not where the recipe file lives)."""
+        data = self.model_dump(mode="json", exclude={"base_dir"})
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.model_dump(mode="json", exclude={"base_dir"}, exclude_none=True)
+        return data
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(data: dict[str, Any], *, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    try:
+        recipe = Recipe.model_validate({**data, "base_dir": base_dir or Path(".")})
+    except ValidationError as e:
+        raise RecipeError(_format_errors(source, e)) from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a TOML recipe; every problem is reported against ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{p}: no such recipe file") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{p}: invalid TOML: {e}") from None
+    return recipe_from_dict(data, source=str(p), base_dir=p.resolve().parent)

@@ -1,0 +1,235 @@
+"""One multiagent debate over many problems (algorithm.md §2), async with bounded concurrency.
+
+Semantics that the reference code got wrong and we keep right:
+
+* In round m ≥ 1 every agent sees the *other* agents' round m−1 answers — never a mix of rounds,
+  whatever order the agents are processed in (the summarizer included).
+* Each agent continues its own conversation: its previous prompts and answers stay in context.
+* Round 0 uses the slot's generator; rounds ≥ 1 its critic (or the generator again when the
+  ``critic`` switch is off).
+* Every call gets its own seed derived from (seed, phase, problem, agent, round, kind): agents with
+  identical prompts still sample independently, reruns are reproducible, and the call cache keys
+  differ per agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from agentsoc.backend import Backend
+from agentsoc.prompts import PromptSet, fill
+from agentsoc.tasks.base import Problem, Task
+from agentsoc.types import Message, ModelRef, Sampling, Usage
+from agentsoc.vote import Vote, majority_vote
+
+T = TypeVar("T")
+
+
+class AgentSlot(BaseModel):
+    """The two models of one agent: generator (round 0) and critic (rounds ≥ 1)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    generator: ModelRef
+    critic: ModelRef
+
+
+class DebateSettings(BaseModel):
+    """What shapes a debate, apart from the models."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rounds: int = 2
+    summarize: bool = True
+    critic: bool = True
+    summarizer: ModelRef
+    sampling: Sampling = Sampling()
+    seed: int = 0
+    #: distinguishes debates of one run (``iter-1/train``), so their seeds differ
+    phase: str = "debate"
+
+
+class AgentTrace(BaseModel):
+    """One agent's side of a debate: its whole conversation and its parsed answer per round."""
+
+    model_config = ConfigDict(frozen=True)
+
+    agent: int
+    messages: tuple[Message, ...]
+    answers: tuple[str | None, ...]
+    models: tuple[ModelRef, ...]
+
+    @property
+    def final(self) -> str | None:
+        return self.answers[-1]
+
+    @property
+    def first(self) -> str | None:
+        return self.answers[0]
+
+    def response(self, round_: int) -> str:
+        return self.messages[2 * round_ + 1].content
+
+
+class Transcript(BaseModel):
+    """Everything one debate produced for one problem."""
+
+    model_config = ConfigDict(frozen=True)
+
+    problem: Problem
+    phase: str
+    agents: tuple[AgentTrace, ...]
+    #: summaries[m-1][n] is the summary agent n received in round m (empty without summarization)
+    summaries: tuple[tuple[str, ...], ...] = ()
+    vote: Vote
+    #: the vote over round-m answers, for every round (accuracy per round, DESIGN §4)
+    round_votes: tuple[Vote, ...] = ()
+    usage: Usage = Usage()
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (hash() is salted per process, so it cannot be used)."""
+    blob = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def debate_message(prompts: PromptSet, problem: Problem, others: Sequence[str], summary: str | None) -> str:
+    """The user message an agent receives in round m ≥ 1."""
+    fields = problem.template_fields()
+    if not others:
+        return fill(prompts.self_only, fields)
+    if summary is not None:
+        return fill(prompts.summary_message, {**fields, "summary": summary})
+    blocks = "".join(fill(prompts.debate_block, {**fields, "other_response": o}) for o in others)
+    return fill(prompts.debate_prefix, fields) + blocks + fill(prompts.debate_suffix, fields)
+
+
+def summarizer_request(prompts: PromptSet, problem: Problem, others: Sequence[str]) -> str:
+    fields = problem.template_fields()
+    blocks = "".join(fill(prompts.summarizer_block, {**fields, "other_response": o}) for o in others)
+    return fill(prompts.summarizer_prefix, fields) + blocks + fill(prompts.summarizer_suffix, fields)
+
+
+async def debate_one(
+    backend: Backend,
+    task: Task,
+    prompts: PromptSet,
+    slots: Sequence[AgentSlot],
+    problem: Problem,
+    settings: DebateSettings,
+) -> Transcript:
+    """Run one debate: round 0 alone, then M−1 rounds of revision against the others."""
+    n_agents = len(slots)
+    usage = Usage()
+
+    def sampling_for(agent: int, round_: int, kind: str) -> Sampling:
+        seed = derive_seed(settings.seed, settings.phase, problem.id, agent, round_, kind)
+        return settings.sampling.model_copy(update={"seed": seed})
+
+    first_prompt = fill(prompts.round0, problem.template_fields())
+    histories: list[list[Message]] = [[Message(role="user", content=first_prompt)] for _ in slots]
+    answers: list[list[str | None]] = [[] for _ in slots]
+    models: list[list[ModelRef]] = [[] for _ in slots]
+    summaries: list[tuple[str, ...]] = []
+
+    async def answer(agent: int, round_: int) -> None:
+        nonlocal usage
+        slot = slots[agent]
+        model = slot.generator if round_ == 0 or not settings.critic else slot.critic
+        out = await backend.complete(model, histories[agent], sampling_for(agent, round_, "answer"))
+        usage = usage + out.usage
+        histories[agent].append(Message(role="assistant", content=out.text))
+        answers[agent].append(task.parse_answer(out.text))
+        models[agent].append(model)
+
+    async def summarize(agent: int, round_: int, others: Sequence[str]) -> str:
+        nonlocal usage
+        request = [Message(role="user", content=summarizer_request(prompts, problem, others))]
+        out = await backend.complete(settings.summarizer, request, sampling_for(agent, round_, "summary"))
+        usage = usage + out.usage
+        return out.text
+
+    await asyncio.gather(*(answer(n, 0) for n in range(n_agents)))
+    for round_ in range(1, settings.rounds):
+        # Freeze round m-1 before anyone speaks in round m: every agent (and the summarizer)
+        # sees the same previous-round answers regardless of scheduling order.
+        previous = [histories[n][-1].content for n in range(n_agents)]
+        others = [[previous[k] for k in range(n_agents) if k != n] for n in range(n_agents)]
+        if settings.summarize and n_agents > 1:
+            round_summaries = tuple(await asyncio.gather(*(summarize(n, round_, others[n]) for n in range(n_agents))))
+            summaries.append(round_summaries)
+        for n in range(n_agents):
+            summary = summaries[-1][n] if settings.summarize and n_agents > 1 else None
+            histories[n].append(Message(role="user", content=debate_message(prompts, problem, others[n], summary)))
+        await asyncio.gather(*(answer(n, round_) for n in range(n_agents)))
+
+    round_votes = tuple(
+        majority_vote(
+            [answers[n][m] for n in range(n_agents)],
+            task.is_equivalent,
+            seed=settings.seed,
+            problem_id=f"{settings.phase}:{problem.id}:{m}",
+        )
+        for m in range(settings.rounds)
+    )
+    traces = tuple(
+        AgentTrace(agent=n, messages=tuple(histories[n]), answers=tuple(answers[n]), models=tuple(models[n]))
+        for n in range(n_agents)
+    )
+    return Transcript(
+        problem=problem,
+        phase=settings.phase,
+        agents=traces,
+        summaries=tuple(summaries),
+        vote=round_votes[-1],
+        round_votes=round_votes,
+        usage=usage,
+    )
+
+
+async def debate(
+    backend: Backend,
+    task: Task,
+    prompts: PromptSet,
+    slots: Sequence[AgentSlot],
+    problems: Sequence[Problem],
+    settings: DebateSettings,
+    *,
+    on_done: Callable[[Transcript], None] | None = None,
+) -> list[Transcript]:
+    """Debate every problem, all in flight at once; the backend's limiter bounds real concurrency.
+
+    ``on_done`` is called as each problem finishes (the society stores the transcript there, one
+    transaction per problem, so a crash loses at most the debates still in flight).
+    """
+
+    async def run(problem: Problem) -> Transcript:
+        transcript = await debate_one(backend, task, prompts, slots, problem, settings)
+        if on_done is not None:
+            on_done(transcript)
+        return transcript
+
+    return await gather_all([run(p) for p in problems])
+
+
+async def gather_all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coros`` concurrently; on the first failure cancel the rest and raise that failure.
+
+    ``asyncio.gather`` would leave the other coroutines running (and paying) after an error;
+    a TaskGroup cancels them, and unwrapping its ExceptionGroup keeps error messages readable.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as eg:
+        first = eg.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [t.result() for t in tasks]

@@ -1,0 +1,361 @@
+"""The society and its loop: debate → vote → select → finetune every agent → swap models → repeat.
+
+Resume is "run the same recipe again": every step is idempotent against the run store.
+
+* Debates: a problem whose transcript is stored is not debated again; the rest are, and their
+  calls hit the call cache for everything already paid for.
+* Datasets are a pure function of the stored transcripts, rewritten identically.
+* Jobs: each is recorded under its key the moment the backend returns it, before it is awaited;
+  a resumed run polls the stored job (or the backend adopts it by key) instead of submitting again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+
+from agentsoc.backend import Backend, JobFailedError
+from agentsoc.config import Recipe, RecipeError, load_recipe
+from agentsoc.debate import AgentSlot, DebateSettings, Transcript, debate, gather_all
+from agentsoc.evaluate import Score, evaluate
+from agentsoc.prompts import PromptSet
+from agentsoc.selection import AgentData, select
+from agentsoc.store import RunStore, export_jsonl
+from agentsoc.tasks.base import Problem, Split, Task
+from agentsoc.types import ChatExample, Job, JobState, ModelRef
+from agentsoc.wrappers import compose, current_stage
+
+ROLES = ("generator", "critic")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (not empty without --resume, another recipe)."""
+
+
+class IterationResult(BaseModel):
+    """What one iteration produced: held-out scores and the data each agent was trained on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    iteration: int
+    scores: dict[str, Score]
+    datasets: list[dict[str, Any]] = []
+    slots: list[AgentSlot] = []
+
+
+def resolve_prompts(task: Task, overrides: dict[str, str], source: str = "recipe") -> PromptSet:
+    unknown = sorted(set(overrides) - set(PromptSet.model_fields))
+    if unknown:
+        raise RecipeError(f"{source}: prompts.{unknown[0]}: unknown field (known: {', '.join(PromptSet.model_fields)})")
+    return task.prompts.model_copy(update=overrides)
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool) -> None:
+    """Refuse to mix two experiments in one directory; write the resolved recipe on first use."""
+    recipe_file = run_dir / "recipe.toml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not resume:
+            raise RunDirError(
+                f"run directory {run_dir} is not empty; pass --resume to continue that run, or choose another --run-dir"
+            )
+        if not (run_dir / "run.sqlite").exists():
+            raise RunDirError(f"run directory {run_dir} has no run.sqlite: it is not an agentsoc run")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = recipe_file.with_suffix(".tmp")
+    tmp.write_text(tomli_w.dumps(recipe.to_toml_dict()), encoding="utf-8")
+    tmp.replace(recipe_file)
+
+
+class Society:
+    """N agent slots over one backend and one run store.
+
+    Use as an async context manager; it opens the store and the backend and closes both. Every
+    step is callable on its own (:meth:`debate`, :meth:`select`, :meth:`finetune`,
+    :meth:`evaluate`); :meth:`run` chains them for the recipe's iterations.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        run_dir: Path,
+        backend: Backend,
+        task: Task,
+        split: Split | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.task = task
+        self.prompts = resolve_prompts(task, recipe.prompts)
+        self.split: Split = split or task.load(recipe.task.n_train, recipe.task.n_test, recipe.seed)
+        self.progress = progress
+        self._raw_backend = backend
+        self._store: RunStore | None = None
+        self._backend: Backend | None = None
+        base = recipe.society.base_models()
+        self.slots: list[AgentSlot] = [AgentSlot(index=n, generator=m, critic=m) for n, m in enumerate(base)]
+        self.summarizer: ModelRef = recipe.society.summarizer or base[0]
+
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe: Recipe | str | Path,
+        *,
+        run_dir: Path | str | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> Society:
+        """Build a society from a recipe; the backend and task come from their registries.
+
+        Everything that can be checked is checked before the run directory is touched: a bad
+        recipe, task file or backend name leaves no trace behind.
+        """
+        import backends
+        from agentsoc import tasks
+
+        rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        rdir = Path(run_dir) if run_dir is not None else Path("runs") / rec.name
+        task = tasks.create(rec.task.name, rec.task.options, base_dir=rec.base_dir)
+        resolve_prompts(task, rec.prompts)
+        split = task.load(rec.task.n_train, rec.task.n_test, rec.seed)
+        if rec.backend.name not in backends.names():
+            raise backends.UnknownBackendError(
+                f"backend.name: unknown backend {rec.backend.name!r}; known backends: {', '.join(backends.names())}"
+            )
+        fresh = not rdir.exists()
+        prepare_run_dir(rdir, rec, resume=resume)
+        try:
+            backend = backends.create(rec.backend.name, rec.backend.options, rdir)
+        except BaseException:
+            if fresh:
+                shutil.rmtree(rdir, ignore_errors=True)
+            raise
+        return cls(rec, run_dir=rdir, backend=backend, task=task, split=split, progress=progress)
+
+    async def __aenter__(self) -> Society:
+        self._store = RunStore.open(self.run_dir)
+        stored = self._store.get_meta("fingerprint")
+        if stored is None:
+            self._store.set_meta("fingerprint", self.recipe.fingerprint())
+        elif stored != self.recipe.fingerprint():
+            self._store.close()
+            raise RunDirError(
+                f"run directory {self.run_dir} holds a run of a different recipe (fingerprint {stored}, "
+                f"this recipe {self.recipe.fingerprint()}); resume it with the recipe it was started with"
+            )
+        b = self.recipe.backend
+        self._backend = compose(
+            self._raw_backend,
+            self._store,
+            concurrency=b.concurrency,
+            max_attempts=b.max_attempts,
+            max_backoff_s=b.max_backoff_s,
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self._backend is not None:
+                await self._backend.aclose()
+        finally:
+            if self._store is not None:
+                self._store.close()
+
+    @property
+    def store(self) -> RunStore:
+        if self._store is None:
+            raise RuntimeError("use the society inside 'async with'")
+        return self._store
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise RuntimeError("use the society inside 'async with'")
+        return self._backend
+
+    @property
+    def key_prefix(self) -> str:
+        return f"{self.recipe.name}/{self.recipe.fingerprint()[:8]}"
+
+    # -- steps ----------------------------------------------------------------------------------
+    async def debate(self, problems: Sequence[Problem], phase: str) -> list[Transcript]:
+        """Debate ``problems`` with the current slots; stored transcripts are reused as they are."""
+        done = self.store.transcripts(phase)
+        todo = [p for p in problems if p.id not in done]
+        s = self.recipe.society
+        settings = DebateSettings(
+            rounds=s.rounds,
+            summarize=s.summarize,
+            critic=s.critic,
+            summarizer=self.summarizer,
+            sampling=self.recipe.sampling,
+            seed=self.recipe.seed,
+            phase=phase,
+        )
+        bar = tqdm(
+            total=len(problems),
+            initial=len(problems) - len(todo),
+            desc=f"debate {phase}",
+            unit="problem",
+            disable=not self.progress,
+            leave=False,
+        )
+
+        def finished(t: Transcript) -> None:
+            self.store.put_transcript(t)
+            bar.update(1)
+
+        token = current_stage.set(phase)
+        try:
+            await debate(self.backend, self.task, self.prompts, self.slots, todo, settings, on_done=finished)
+        finally:
+            current_stage.reset(token)
+            bar.close()
+        done = self.store.transcripts(phase)
+        transcripts = [done[p.id] for p in problems]
+        export_jsonl([t.model_dump_json() for t in transcripts], self._phase_file(phase))
+        return transcripts
+
+    def _phase_file(self, phase: str) -> Path:
+        iteration, kind = phase.split("/", 1) if "/" in phase else ("misc", phase)
+        return self.run_dir / iteration / ("debate.jsonl" if kind == "train" else f"{kind}.jsonl")
+
+    def select(self, transcripts: Sequence[Transcript]) -> list[AgentData]:
+        sel = self.recipe.selection
+        return select(
+            transcripts,
+            len(self.slots),
+            self.task.is_equivalent,
+            critic_mix=sel.critic_mix,
+            critic_loss=sel.critic_loss,
+            seed=self.recipe.seed,
+        )
+
+    def _write_datasets(self, iteration: int, data: Sequence[AgentData]) -> dict[tuple[str, str], list[ChatExample]]:
+        """Export each agent's datasets and return the training sets keyed by (agent, role).
+
+        With ``single_agent`` the agents' sets are pooled into one per role (agent ``all``).
+        """
+        roles = ROLES if self.recipe.society.critic else ("generator",)
+        out: dict[tuple[str, str], list[ChatExample]] = {}
+        for d in data:
+            for role in roles:
+                examples = list(d.generator if role == "generator" else d.critic)
+                path = self.run_dir / f"iter-{iteration}" / "data" / f"agent-{d.agent}-{role}.jsonl"
+                export_jsonl([json.dumps(e.to_openai(), ensure_ascii=False) for e in examples], path)
+                stats: dict[str, Any] = {}
+                if role == "critic":
+                    stats = {
+                        "critic_minus": d.critic_minus,
+                        "critic_plus_available": d.critic_plus_available,
+                        "critic_plus_used": d.critic_plus_used,
+                    }
+                self.store.put_dataset(iteration, d.agent, role, len(examples), path, stats)
+                agent_key = "all" if self.recipe.finetune.single_agent else str(d.agent)
+                out.setdefault((agent_key, role), []).extend(examples)
+        return out
+
+    async def finetune(self, iteration: int, data: Sequence[AgentData]) -> list[AgentSlot]:
+        """One job per agent and role, all submitted at once; returns the new slots.
+
+        A role whose dataset is below ``selection.min_examples`` keeps its current model.
+        """
+        sets = self._write_datasets(iteration, data)
+        base_models = self.recipe.society.base_models()
+        spec = self.recipe.finetune.spec
+        bar = tqdm(
+            total=len(sets), desc=f"finetune iter-{iteration}", unit="job", disable=not self.progress, leave=False
+        )
+
+        async def one(agent_key: str, role: str, examples: list[ChatExample]) -> tuple[str, str, ModelRef | None]:
+            if len(examples) < self.recipe.selection.min_examples:
+                bar.update(1)
+                return agent_key, role, None
+            slot = self.slots[0 if agent_key == "all" else int(agent_key)]
+            current = slot.generator if role == "generator" else slot.critic
+            base = base_models[slot.index] if self.recipe.finetune.from_base else current
+            key = f"{self.key_prefix}/iter-{iteration}/agent-{agent_key}/{role}"
+            labels = {"run": self.recipe.name, "iteration": str(iteration), "agent": agent_key, "role": role}
+            job = await self._run_job(key, base, examples, spec.model_copy(update={"metadata": labels}))
+            bar.update(1)
+            return agent_key, role, job.result
+
+        token = current_stage.set(f"iter-{iteration}/finetune")
+        try:
+            results = await gather_all([one(a, r, ex) for (a, r), ex in sets.items()])
+        finally:
+            current_stage.reset(token)
+            bar.close()
+        new = {(a, r): m for a, r, m in results if m is not None}
+        slots = []
+        for slot in self.slots:
+            agent_key = "all" if self.recipe.finetune.single_agent else str(slot.index)
+            slots.append(
+                AgentSlot(
+                    index=slot.index,
+                    generator=new.get((agent_key, "generator"), slot.generator),
+                    critic=new.get((agent_key, "critic"), slot.critic),
+                )
+            )
+        return slots
+
+    async def _run_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: Any) -> Job:
+        job = self.store.get_job(key)
+        if job is None:
+            job = await self.backend.submit_finetune(base, examples, spec, key=key)
+            self.store.put_job(job)  # recorded before it is awaited: a crash from here on resumes it
+        while not job.state.terminal:
+            await asyncio.sleep(self.recipe.backend.poll_interval_s)
+            polled = await self.backend.poll_finetune(job)
+            if polled != job:
+                self.store.put_job(polled)
+            job = polled
+        if job.state is not JobState.SUCCEEDED or job.result is None:
+            reason = job.error or f"job ended {job.state.value} without a model"
+            raise JobFailedError(job, f"fine-tuning job {job.id} for {key} failed: {reason}")
+        return job
+
+    async def evaluate(self, iteration: int) -> dict[str, Score]:
+        """Debate the held-out problems with the current slots and score the votes."""
+        transcripts = await self.debate(self.split.test, f"iter-{iteration}/eval")
+        scores = evaluate(transcripts, self.task.is_equivalent)
+        for name, sc in scores.items():
+            self.store.put_metric(iteration, name, sc.model_dump())
+        self.store.put_metric(iteration, "slots", [s.model_dump() for s in self.slots])
+        return scores
+
+    async def iterate(self, iteration: int) -> IterationResult:
+        """One finetuning iteration: debate the training problems, select, finetune, evaluate."""
+        train = await self.debate(self.split.train, f"iter-{iteration}/train")
+        labelled = [t for t in train if t.vote.answer is not None]
+        label_acc = evaluate(labelled, self.task.is_equivalent)
+        if label_acc:
+            # How often the vote (the pseudo-label) matched ground truth: diagnostics only.
+            self.store.put_metric(iteration, "label_accuracy", label_acc["debate"].model_dump())
+        data = self.select(train)
+        self.slots = await self.finetune(iteration, data)
+        scores = await self.evaluate(iteration)
+        return IterationResult(
+            iteration=iteration, scores=scores, datasets=self.store.datasets(iteration), slots=self.slots
+        )
+
+    async def run(self) -> list[IterationResult]:
+        """Evaluate the base society, then run every finetuning iteration of the recipe."""
+        results = [IterationResult(iteration=0, scores=await self.evaluate(0), slots=self.slots)]
+        for iteration in range(1, self.recipe.finetune.iterations + 1):
+            results.append(await self.iterate(iteration))
+        self.store.set_meta("finished", "1")
+        return results
