@@ -1,0 +1,93 @@
+"""GSM8K: grade-school word problems from JSONL (``question``, ``answer`` ending in ``#### <number>``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from agentsoc.prompts import PromptSet
+from agentsoc.tasks import numeric
+from agentsoc.tasks.base import DataError, Problem, Split
+from agentsoc.tasks.files import read_records, split, stable_id, text_field
+from agentsoc.tasks.options import parse_options, resolve_path
+from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
+
+NAME = "gsm8k"
+_ANSWER_SENTENCE = (
+    "Your final answer should be a single numerical number, in the form \\boxed{answer}, at the end of your response."
+)
+
+#: Du et al.'s GSM prompts (algorithm.md §2.5, trailing space of round 0 kept) plus the §12 summary reconstruction
+PRESET = PromptSet(
+    round0="Can you solve the following math problem? {question} Explain your reasoning. " + _ANSWER_SENTENCE + " ",
+    debate_prefix="These are the solutions to the problem from other agents: ",
+    debate_block="\n\n One agent solution: ```{other_response}```",
+    debate_suffix="\n\n Using the solutions from other agents as additional information, can you provide your answer "
+    "to the math problem? \n The original math problem is {question}. " + _ANSWER_SENTENCE,
+    self_only="Can you double check that your answer is correct. Please reiterate your answer, with your final answer "
+    "a single numerical number, in the form \\boxed{answer}.",
+    summarizer_prefix=SUMMARIZER_PREFIX,
+    summarizer_block=SUMMARIZER_BLOCK,
+    summarizer_suffix=SUMMARIZER_SUFFIX,
+    summary_message=summary_message(_ANSWER_SENTENCE),
+)
+
+_GROUND_TRUTH = re.compile(r"####\s*(?P<number>[-−]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*$")
+
+
+class Options(BaseModel):
+    """``path``: the problems; ``test_path``: optional separate held-out problems."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path
+    test_path: Path | None = None
+
+
+class Gsm8kTask:
+    """GSM8K word problems; answers are numbers, compared with tolerance."""
+
+    name = NAME
+
+    def __init__(self, path: Path, test_path: Path | None = None) -> None:
+        self.path = path
+        self.test_path = test_path
+        self.prompts = PRESET
+
+    def load(self, n_train: int, n_test: int, seed: int) -> Split:
+        test_pool = read_problems(self.test_path) if self.test_path else None
+        return split(
+            NAME, read_problems(self.path), self.path, n_train, n_test, seed,
+            test_pool=test_pool, test_source=self.test_path,
+        )  # fmt: skip
+
+    def parse_answer(self, text: str) -> str | None:
+        return numeric.parse_number(text)
+
+    def is_equivalent(self, a: str, b: str) -> bool:
+        return numeric.is_equivalent(a, b)
+
+
+def read_problems(path: Path) -> list[Problem]:
+    """Every problem of a GSM8K JSONL file; the ground truth is the number after ``####``."""
+    problems = []
+    for location, record in read_records(path):
+        question = text_field(record, "question", location)
+        answer = text_field(record, "answer", location)
+        match = _GROUND_TRUTH.search(answer.strip())
+        if not match:
+            raise DataError(f"{location}: field 'answer': no final '#### <number>' line")
+        truth = numeric.canonical_number(match["number"])
+        problems.append(Problem(id=stable_id(NAME, question), question=question, answer=truth))
+    return problems
+
+
+def create(options: Mapping[str, Any], base_dir: Path | None = None) -> Gsm8kTask:
+    """The task from recipe options; relative paths resolve against ``base_dir``."""
+    opts = parse_options(NAME, Options, options)
+    test_path = resolve_path(NAME, "test_path", opts.test_path, base_dir) if opts.test_path else None
+    return Gsm8kTask(resolve_path(NAME, "path", opts.path, base_dir), test_path)

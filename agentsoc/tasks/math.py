@@ -1,0 +1,119 @@
+"""MATH (Hendrycks et al.): competition problems; the answer is the last ``\\boxed{}`` of a solution.
+
+Prompts are MAFT's own (algorithm.md §2.3), typos kept because they produced the reported numbers.
+The reference uses levels 1-3 of the MATH test split; ``levels`` selects them from any copy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from agentsoc.prompts import PromptSet
+from agentsoc.tasks import math_equiv
+from agentsoc.tasks.base import DataError, Problem, Split
+from agentsoc.tasks.boxed import last_boxed
+from agentsoc.tasks.files import read_records, split, stable_id, text_field
+from agentsoc.tasks.options import parse_options, resolve_path
+from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
+
+NAME = "math"
+
+#: MAFT's MATH prompts, verbatim from ``original_gen.py`` (algorithm.md §2.3)
+PRESET = PromptSet(
+    round0="Can you solve the following math problem? {question} Provide a bullet point summary of your reasoning. "
+    "Your final answer should be a single answer, in the form \\boxed{answer}, at the end of your response.",
+    debate_prefix="Here is are solution from other agents: ",
+    debate_block="\n\n One agent response: {other_response}",
+    debate_suffix="\n\n Using each response as additional advice, can you give an updated bullet by bullet answer to "
+    "{question}? Your final answer should be be in the form \\boxed{answer} given at the end of your response.",
+    self_only="Can you double check that your answer is correct? Please reiterate your answer, with your final answer "
+    "a single answer of the form \\boxed{answer} at the end of your response.",
+    summarizer_prefix=SUMMARIZER_PREFIX,
+    summarizer_block=SUMMARIZER_BLOCK,
+    summarizer_suffix=SUMMARIZER_SUFFIX,
+    summary_message=summary_message(
+        "Your final answer should be be in the form \\boxed{answer} given at the end of your response."
+    ),
+)
+
+_LEVEL = re.compile(r"^(?:Level\s*)?(\d)$")
+
+
+class Options(BaseModel):
+    """``path``/``test_path``: JSONL or a JSON list; ``levels``: e.g. ``[1, 2, 3]`` (default: all)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path
+    test_path: Path | None = None
+    levels: tuple[int, ...] | None = None
+
+    @field_validator("levels")
+    @classmethod
+    def _check_levels(cls, levels: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if levels is not None and (not levels or any(not 1 <= level <= 5 for level in levels)):
+            raise ValueError("expected a non-empty list of levels between 1 and 5")
+        return levels
+
+
+class MathTask:
+    """MATH problems; answers are LaTeX, compared by normal form and then by sympy."""
+
+    name = NAME
+
+    def __init__(self, path: Path, test_path: Path | None = None, levels: tuple[int, ...] | None = None) -> None:
+        self.path = path
+        self.test_path = test_path
+        self.levels = levels
+        self.prompts = PRESET
+
+    def load(self, n_train: int, n_test: int, seed: int) -> Split:
+        test_pool = read_problems(self.test_path, self.levels) if self.test_path else None
+        return split(
+            NAME, read_problems(self.path, self.levels), self.path, n_train, n_test, seed,
+            test_pool=test_pool, test_source=self.test_path,
+        )  # fmt: skip
+
+    def parse_answer(self, text: str) -> str | None:
+        boxed = last_boxed(text)
+        normal = math_equiv.normalize(boxed) if boxed is not None else ""
+        return normal or None
+
+    def is_equivalent(self, a: str, b: str) -> bool:
+        return math_equiv.is_equivalent(a, b)
+
+
+def read_problems(path: Path, levels: tuple[int, ...] | None = None) -> list[Problem]:
+    """The problems of a MATH file at the given levels; the ground truth is the solution's last box."""
+    problems = []
+    for location, record in read_records(path):
+        question = text_field(record, "problem", location)
+        solution = text_field(record, "solution", location)
+        level = text_field(record, "level", location) if "level" in record or levels else ""
+        if levels is not None and _level_number(level) not in levels:
+            continue
+        boxed = last_boxed(solution)
+        answer = math_equiv.normalize(boxed) if boxed is not None else ""
+        if not answer:
+            raise DataError(f"{location}: field 'solution': no \\boxed{{...}} answer")
+        fields = {"level": level, "type": str(record.get("type", ""))}
+        problems.append(Problem(id=stable_id(NAME, question), question=question, answer=answer, fields=fields))
+    return problems
+
+
+def _level_number(level: str) -> int | None:
+    """``"Level 3"`` -> 3; MATH also has ``"Level ?"``, which no ``levels`` filter selects."""
+    match = _LEVEL.match(level.strip())
+    return int(match[1]) if match else None
+
+
+def create(options: Mapping[str, Any], base_dir: Path | None = None) -> MathTask:
+    """The task from recipe options; relative paths resolve against ``base_dir``."""
+    opts = parse_options(NAME, Options, options)
+    test_path = resolve_path(NAME, "test_path", opts.test_path, base_dir) if opts.test_path else None
+    return MathTask(resolve_path(NAME, "path", opts.path, base_dir), test_path, opts.levels)
