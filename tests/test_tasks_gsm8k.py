@@ -1,0 +1,159 @@
+"""GSM8K: number parsing (the reference bugs of algorithm.md §11.2 fixed), loading, splits, preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agentsoc.prompts import fill
+from agentsoc.tasks import DataError, create
+from agentsoc.tasks.gsm8k import Gsm8kTask, read_problems
+
+PARSE_CASES = [
+    ("She has 18 dollars left. The answer is \\boxed{18}.", "18"),
+    ("\\boxed{1,234}", "1234"),
+    ("\\boxed{1{,}000}", "1000"),
+    ("\\boxed{\\$18.50}", "18.5"),
+    ("\\boxed{-5}", "-5"),
+    ("\\boxed{−5}", "-5"),
+    ("\\boxed{12\\%}", "12"),
+    ("\\boxed{18 \\text{ dollars}}", "18"),
+    ("\\boxed{\\frac{3}{4}}", "0.75"),
+    ("\\boxed{\\dfrac{1}{3}}", "1/3"),
+    ("The answer is \\boxed{3}, earlier I wrote \\boxed{2}", "2"),
+    ("Answer: $1,200.50", "1200.5"),
+    ("The answer is 12%.", "12"),
+    ("He loses 5 dollars, so the change is -5.", "-5"),
+    ("The temperature drops to −3 degrees.", "-3"),
+    ("Janet sells 16 - 3 - 4 = 9 eggs, making 9 * 2 = $18 a day.", "18"),
+    ("The answers for the two parts are 3, 4", "4"),
+    ("He buys 3,4 and 5 apples.", "5"),
+    ("The total is **550** dollars.", "550"),
+    ("The total is 550.", "550"),
+    ("The total is 550.00", "550"),
+    ("So she earns $1,234,567 in total.", "1234567"),
+    ("Final answer: 0.5", "0.5"),
+    ("Final answer: 007", "7"),
+    ("The answer is 72. Let me know if you have questions about step 2.", "72"),
+    ("Step 1: 48/2 = 24\nStep 2: 48 + 24 = 72\nNatalia sold 72 clips in April and May.", "72"),
+    ("Therefore x = 10 hours for 2 days.", "10"),
+    ("There is no way to know.", None),
+    ("", None),
+    ("\\boxed{}", None),
+    ("The answer is \\boxed{12", "12"),
+    ("1,2345", "2345"),
+    ("The ratio is 10-3", "3"),
+    ("She pays $-5$? No, she receives \\boxed{5}", "5"),
+    ("The result is 3.14159", "3.14159"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PARSE_CASES)
+def test_parse_answer(text: str, expected: str | None) -> None:
+    assert Gsm8kTask(Path("unused.jsonl")).parse_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [("18", "18.0", True), ("18", "18.0000001", True), ("18", "18.01", False), ("-5", "5", False),
+     ("0.75", "3/4", True), ("1/3", "0.333333", True), ("1/3", "0.33", False), ("x", "x", True), ("x", "1", False)],
+)  # fmt: skip
+def test_is_equivalent_with_tolerance_and_symmetric(a: str, b: str, same: bool) -> None:
+    task = Gsm8kTask(Path("unused.jsonl"))
+    assert task.is_equivalent(a, b) is same
+    assert task.is_equivalent(b, a) is same
+
+
+def _write(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _rows(n: int, start: int = 0) -> list[dict[str, str]]:
+    return [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1:,}"} for i in range(start, n)]
+
+
+def test_ground_truth_after_hashes(tmp_path: Path) -> None:
+    path = _write(tmp_path / "g.jsonl", [{"question": "q", "answer": "lots of work\n#### -1,200"}])
+    assert read_problems(path)[0].answer == "-1200"
+
+
+def test_split_from_one_file_is_seeded_and_disjoint(tmp_path: Path) -> None:
+    path = _write(tmp_path / "gsm.jsonl", _rows(50) + _rows(5))  # five duplicate questions
+    task = create("gsm8k", {"path": "gsm.jsonl"}, base_dir=tmp_path)
+    split = task.load(n_train=30, n_test=20, seed=0)
+    assert len(split.train) == 30 and len(split.test) == 20
+    assert not {p.question for p in split.train} & {p.question for p in split.test}
+    assert split == task.load(n_train=30, n_test=20, seed=0)
+    assert split != task.load(n_train=30, n_test=20, seed=1)
+    with pytest.raises(DataError, match=r"gsm\.jsonl has 50 distinct problems, fewer than n_train \+ n_test"):
+        task.load(n_train=30, n_test=21, seed=0)
+
+
+def test_split_with_test_file_drops_overlap(tmp_path: Path) -> None:
+    _write(tmp_path / "train.jsonl", _rows(10))
+    _write(tmp_path / "test.jsonl", _rows(20, start=5))  # 5 questions shared with train
+    task = create("gsm8k", {"path": "train.jsonl", "test_path": "test.jsonl"}, base_dir=tmp_path)
+    split = task.load(n_train=4, n_test=10, seed=0)
+    assert len(split.test) == 10
+    assert all(int(p.answer or 0) > 6 for p in split.test)
+    assert split.test == task.load(n_train=8, n_test=10, seed=0).test  # held-out set independent of n_train
+    with pytest.raises(DataError, match=r"test\.jsonl has 10 distinct problems, fewer than n_test = 11"):
+        task.load(n_train=4, n_test=11, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"question": "q", "answer": "4"}', "field 'answer': no final '#### <number>' line"),
+        ('{"question": "q"}', "field 'answer': missing"),
+        ('{"answer": "#### 4"}', "field 'question': missing"),
+        ('{"question": 3, "answer": "#### 4"}', "field 'question': expected a non-empty string"),
+        ('{"question": "q", "answer": "#### four"}', "field 'answer'"),
+        ('{"question": "q", answer: 1}', "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_lines_name_file_line_and_field(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"question": "fine", "answer": "#### 1"})
+    path.write_text(f"{good}\n\n{good.replace('fine', 'ok')}\n{line}\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_problems(path)
+    assert f"bad.jsonl:4: {message}" in str(info.value)
+
+
+def test_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="^task 'gsm8k': .*unknown option 'pth' \\(did you mean 'path'\\?\\)"):
+        create("gsm8k", {"pth": "x.jsonl"})
+    with pytest.raises(ValueError, match="task 'gsm8k': missing option 'path'"):
+        create("gsm8k", {})
+    with pytest.raises(ValueError, match="task 'gsm8k': option 'path': no such file or directory: .*nope.jsonl"):
+        create("gsm8k", {"path": "nope.jsonl"}, base_dir=tmp_path)
+
+
+def test_preset_renders_verbatim() -> None:
+    prompts = Gsm8kTask(Path("unused.jsonl")).prompts
+    fields = {"question": "What is 2+2?"}
+    assert fill(prompts.round0, fields) == (
+        "Can you solve the following math problem? What is 2+2? Explain your reasoning. Your final answer should "
+        "be a single numerical number, in the form \\boxed{answer}, at the end of your response. "
+    )
+    assert prompts.debate_prefix == "These are the solutions to the problem from other agents: "
+    assert prompts.debate_block == "\n\n One agent solution: ```{other_response}```"
+    assert fill(prompts.debate_suffix, fields) == (
+        "\n\n Using the solutions from other agents as additional information, can you provide your answer to the "
+        "math problem? \n The original math problem is What is 2+2?. Your final answer should be a single "
+        "numerical number, in the form \\boxed{answer}, at the end of your response."
+    )
+    assert prompts.self_only == (
+        "Can you double check that your answer is correct. Please reiterate your answer, with your final answer a "
+        "single numerical number, in the form \\boxed{answer}."
+    )
+    assert fill(prompts.summary_message, {**fields, "summary": "S"}) == (
+        "Here is a summary of solutions from several other agents: S\n\n Examine each these solutions as additional "
+        "advice, can solve What is 2+2? and give your updated answer? Explain your reasoning. \n Your final answer "
+        "should be a single numerical number, in the form \\boxed{answer}, at the end of your response."
+    )
