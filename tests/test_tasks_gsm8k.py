@@ -81,7 +81,7 @@ def test_ground_truth_after_hashes(tmp_path: Path) -> None:
 
 
 def test_split_from_one_file_is_seeded_and_disjoint(tmp_path: Path) -> None:
-    path = _write(tmp_path / "gsm.jsonl", _rows(50) + _rows(5))  # five duplicate questions
+    _write(tmp_path / "gsm.jsonl", _rows(50) + _rows(5))  # five duplicate questions
     task = create("gsm8k", {"path": "gsm.jsonl"}, base_dir=tmp_path)
     split = task.load(n_train=30, n_test=20, seed=0)
     assert len(split.train) == 30 and len(split.test) == 20
@@ -126,11 +126,11 @@ def test_bad_lines_name_file_line_and_field(tmp_path: Path, line: str, message: 
 
 
 def test_options(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="^task 'gsm8k': .*unknown option 'pth' \\(did you mean 'path'\\?\\)"):
+    with pytest.raises(ValueError, match=r"^task 'gsm8k': .*unknown option 'pth' \(did you mean 'path'\?\)"):
         create("gsm8k", {"pth": "x.jsonl"})
     with pytest.raises(ValueError, match="task 'gsm8k': missing option 'path'"):
         create("gsm8k", {})
-    with pytest.raises(ValueError, match="task 'gsm8k': option 'path': no such file or directory: .*nope.jsonl"):
+    with pytest.raises(ValueError, match=r"task 'gsm8k': option 'path': no such file or directory: .*nope\.jsonl"):
         create("gsm8k", {"path": "nope.jsonl"}, base_dir=tmp_path)
 
 
