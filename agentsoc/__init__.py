@@ -1,1 +1,28 @@
-"""agentsoc: multiagent finetuning of language models."""
+"""agentsoc: multiagent finetuning of language models (Subramaniam et al., 2025).
+
+The public surface is listed in ``__all__``; ``tests/test_public_api.py`` keeps the two in step.
+"""
+
+from agentsoc.config import Recipe, RecipeError, load_recipe
+from agentsoc.debate import AgentSlot, DebateSettings, Transcript, debate
+from agentsoc.evaluate import Score, evaluate
+from agentsoc.selection import AgentData, select
+from agentsoc.society import Society
+from agentsoc.vote import Vote, majority_vote
+
+__all__ = [
+    "AgentData",
+    "AgentSlot",
+    "DebateSettings",
+    "Recipe",
+    "RecipeError",
+    "Score",
+    "Society",
+    "Transcript",
+    "Vote",
+    "debate",
+    "evaluate",
+    "load_recipe",
+    "majority_vote",
+    "select",
+]

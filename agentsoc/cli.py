@@ -52,8 +52,8 @@ def summary_table(results: Sequence[IterationResult]) -> str:
 
 async def _run(args: argparse.Namespace) -> int:
     society = Society.from_recipe(args.recipe, run_dir=args.run_dir, resume=args.resume, progress=not args.quiet)
-    print(f"run directory: {society.run_dir}", file=sys.stderr)
     async with society:
+        print(f"run directory: {society.run_dir}", file=sys.stderr)
         results = await society.run()
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))

@@ -1,0 +1,25 @@
+# The README's commands. PY is the interpreter of the environment to use.
+PY ?= .venv/bin/python
+VENV ?= .venv
+
+.PHONY: venv install-test test lint demo mock
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+venv: $(VENV)/bin/python
+
+# Everything the tests need (the core and the dev tools).
+install-test:
+	$(PY) -m pip install --quiet -e ".[dev]"
+
+# The test command: lint, types, then the test suite.
+test:
+	$(PY) -m ruff check agentsoc backends tests bench
+	$(PY) -m mypy
+	$(PY) -m pytest
+
+# The whole loop on the mock backend (simulated agents; seconds).
+mock: venv
+	$(MAKE) install-test PY=$(VENV)/bin/python
+	$(VENV)/bin/agentsoc run recipes/arithmetic-mock.toml --run-dir runs/arithmetic-mock --resume

@@ -1,0 +1,68 @@
+"""Shared fixtures: a recording fake backend and small recipes on the mock backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, Usage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RecordingBackend:
+    """Answers every call with a scripted function and records what it was asked."""
+
+    name = "recording"
+
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+        self.calls: list[tuple[ModelRef, tuple[Message, ...], Sampling]] = []
+
+    async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+        self.calls.append((model, tuple(messages), sampling))
+        return Completion(text=self.reply(model, messages, sampling), usage=Usage(prompt_tokens=1, completion_tokens=1))
+
+    async def submit_finetune(
+        self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, *, key: str
+    ) -> Job:
+        raise NotImplementedError
+
+    async def poll_finetune(self, job: Job) -> Job:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+def mock_recipe(**overrides: Any) -> dict[str, Any]:
+    """A small, fast mock-backend recipe; nested keys override with dotted names (``society.agents``)."""
+    recipe: dict[str, Any] = {
+        "name": "t",
+        "seed": 0,
+        "task": {"name": "arithmetic", "n_train": 20, "n_test": 20},
+        "backend": {"name": "mock", "concurrency": 8, "poll_interval_s": 0.001, "options": {"state_dir": "server"}},
+        "society": {"agents": 3, "rounds": 2, "models": ["mock:0.45", "mock:0.5", "mock:0.55"]},
+        "finetune": {"iterations": 2},
+    }
+    for dotted, value in overrides.items():
+        node = recipe
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return recipe
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Any:
+    def write(name: str = "recipe.toml", **overrides: Any) -> Path:
+        path = tmp_path / name
+        path.write_text(tomli_w.dumps(mock_recipe(**overrides)))
+        return path
+
+    return write
