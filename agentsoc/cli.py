@@ -51,6 +51,12 @@ def summary_table(results: Sequence[IterationResult]) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from agentsoc.config import load_recipe
+        from agentsoc.estimate import dry_run
+
+        print(dry_run(load_recipe(args.recipe)))
+        return 0
     society = Society.from_recipe(args.recipe, run_dir=args.run_dir, resume=args.resume, progress=not args.quiet)
     async with society:
         print(f"run directory: {society.run_dir}", file=sys.stderr)
@@ -94,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir without repeating work")
     run.add_argument("--json", action="store_true", help="print results as JSON")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the expected calls, tokens, jobs and cost; send nothing"
+    )
     run.set_defaults(handler=_run)
 
     jobs = sub.add_parser("jobs", help="list the fine-tuning jobs of a run")
