@@ -44,6 +44,9 @@ PARSE_CASES = [
     ("Option (X) is a placeholder; the answer is (D)", "D"),
     ("The best choice is (A)", "A"),
     ("The answer is: B) Paris", "B"),
+    ("It is caused by a lack of vitamin D.", None),
+    ("Reasoning...\nB", "B"),
+    ("Options:\nB\nare all plausible", None),
 ]
 
 

@@ -47,8 +47,9 @@ _STATED = re.compile(
 )
 #: the requested form "(X)"
 _PARENS = re.compile(r"\(([A-Da-d])\)")
-#: a bare letter closing the response ("... so B." / "**C**")
-_TRAILING = re.compile(r"(?:^|[\s*:])([A-D])[).]?[*\s.]*$")
+#: a bare letter closing the response after a colon, comma, bold marker or line start ("...: B", "**C**");
+#: a plain space is not enough, or "a lack of vitamin D." would vote D
+_TRAILING = re.compile(r"(?:^|[:,]|\*\*)\s*([A-D])[).]?[*\s.]*\Z", re.MULTILINE)
 _LETTERS = ("A", "B", "C", "D")
 
 
