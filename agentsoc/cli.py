@@ -34,10 +34,23 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 def summary_table(results: Sequence[IterationResult]) -> str:
     """Held-out accuracy per iteration beside the per-round and Majority numbers, and data sizes."""
     rounds = sorted(k for k in results[0].scores if k.startswith("round_"))
-    header = ["iter", "debate (final vote)", *[f"vote {r.replace('_', ' ')}" for r in rounds], "single agent", "data"]
+    header = [
+        "iter",
+        "debate (final vote)",
+        *[f"vote {r.replace('_', ' ')}" for r in rounds],
+        "single agent",
+        "examples per agent",
+    ]
     rows = [header]
     for r in results:
-        sizes = ", ".join(f"a{d['agent']}:{d['size']}{d['role'][0]}" for d in r.datasets) or "-"
+        sizes = (
+            "  ".join(
+                role[:3] + " " + "/".join(str(d["size"]) for d in r.datasets if d["role"] == role)
+                for role in ("generator", "critic")
+                if any(d["role"] == role for d in r.datasets)
+            )
+            or "-"
+        )
         rows.append(
             [
                 str(r.iteration),
