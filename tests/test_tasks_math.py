@@ -188,6 +188,15 @@ def test_bad_records_name_file_line_and_field(tmp_path: Path, content: str, mess
     assert message in str(info.value)
 
 
+def test_level_may_be_a_number_and_is_required_only_for_filtering(tmp_path: Path) -> None:
+    path = tmp_path / "math.jsonl"
+    rows = [{**_record(1), "level": 2}, {"problem": "p", "solution": "\\boxed{1}"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert [p.fields["level"] for p in read_problems(path)] == ["Level 2", ""]
+    with pytest.raises(DataError, match=r"math\.jsonl:2: field 'level': missing"):
+        read_problems(path, levels=(2,))
+
+
 def test_bad_json_list_item_is_located(tmp_path: Path) -> None:
     path = tmp_path / "math.json"
     path.write_text(json.dumps([_record(1), {"problem": "p"}]), encoding="utf-8")

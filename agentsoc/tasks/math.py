@@ -41,7 +41,7 @@ PRESET = PromptSet(
     ),
 )
 
-_LEVEL = re.compile(r"^(?:Level\s*)?(\d)$")
+_LEVEL = re.compile(r"^Level\s*(\d)$")
 
 
 class Options(BaseModel):
@@ -94,7 +94,7 @@ def read_problems(path: Path, levels: tuple[int, ...] | None = None) -> list[Pro
     for location, record in read_records(path):
         question = text_field(record, "problem", location)
         solution = text_field(record, "solution", location)
-        level = text_field(record, "level", location) if "level" in record or levels else ""
+        level = _level(record, location, required=levels is not None)
         if levels is not None and _level_number(level) not in levels:
             continue
         boxed = last_boxed(solution)
@@ -104,6 +104,16 @@ def read_problems(path: Path, levels: tuple[int, ...] | None = None) -> list[Pro
         fields = {"level": level, "type": str(record.get("type", ""))}
         problems.append(Problem(id=stable_id(NAME, question), question=question, answer=answer, fields=fields))
     return problems
+
+
+def _level(record: dict[str, Any], location: str, *, required: bool) -> str:
+    """The ``level`` field as ``"Level 3"``; some MATH copies store the bare number."""
+    value = record.get("level")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"Level {value}"
+    if value is None and not required:
+        return ""
+    return text_field(record, "level", location)
 
 
 def _level_number(level: str) -> int | None:
