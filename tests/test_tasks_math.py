@@ -87,6 +87,7 @@ EQUIVALENT = [
     ("\\text{Evelyn}", "Evelyn"),
     ("5\\%", "5"),
     ("6\\cdot 7", "42"),
+    ("1 \\text{ and } 2", "1, 2"),
     ("3 \\times 10^{2}", "300"),
     ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}"),
 ]
@@ -106,6 +107,7 @@ NOT_EQUIVALENT = [
     ("\\sin x", "\\cos x"),
     ("\\infty", "-\\infty"),
     ("x", "y"),
+    ("1\\text{ and }2", "12"),
     ("1" * 120, "1" * 119 + "2"),
 ]
 

@@ -24,6 +24,8 @@ _UNIT_WORDS = re.compile(
     r"(?<=[\d}])\s*(?:square\s+)?(?:units?|degrees?|cm|centimeters?|meters?|inches|inch|feet|foot|miles?"
     r"|hours?|minutes?|seconds?|days?|dollars?|cents?)(?:\^\{?\d\}?)?$"
 )
+#: "1 and 2", "1\text{ or }2" list answers; removed as units they would glue into "12"
+_CONJUNCTION = re.compile(r"\\text\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°")
 _THIN_SPACES = re.compile(r"\\[,;:! ]|~")
 _ASSIGNMENT = re.compile(r"^(?:[A-Za-z](?:_\{?\w+\}?)?|\\[A-Za-z]+)=(?!=)")
@@ -45,6 +47,7 @@ def normalize(answer: str) -> str:
     s = s.replace("\\left", "").replace("\\right", "")
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
     s = _DEGREES.sub("", s)
+    s = _CONJUNCTION.sub(",", s)
     s = _unwrap(s.strip().rstrip(".").strip())
     s = _strip_units(s)
     s = s.replace(" ", "")
