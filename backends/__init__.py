@@ -19,6 +19,10 @@ Factory = Callable[[Mapping[str, Any], Path], Backend]
 #: name -> "module:function"; the function has the :data:`Factory` signature.
 _REGISTRY: dict[str, str] = {
     "mock": "backends.mock:create",
+    "llamacpp": "backends.llamacpp:create",
+    "local": "backends.local:create",
+    "auto": "backends.local:create_auto",
+    "openai": "backends.openai:create",
 }
 
 

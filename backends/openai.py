@@ -1,0 +1,404 @@
+"""The OpenAI backend: chat completions, fine-tuning jobs and (optionally) the Batch API.
+
+Built on ``openai.AsyncOpenAI`` with ``max_retries=0``: retries live in exactly one layer, the
+``Retrying`` wrapper (DESIGN §3, ecosystem.md finding 6). This module only *classifies* failures —
+429/5xx/timeouts/dropped connections/malformed bodies are transient (with the server's Retry-After),
+400/401/403/404 are fatal with a message naming the model and the call. Any OpenAI-compatible
+``base_url`` (vLLM, llama.cpp server) works for inference.
+
+Fine-tuning is where money and time are lost, so :meth:`OpenAIBackend.submit_finetune` checks
+everything it can before spending: the training set (OpenAI's documented limits), the base model
+(shut down? gone?), an existing job with the same key (adopt-before-create, because job creation
+is not idempotent — finding 3), and a file already uploaded for the same key and content.
+
+The API key is read from the environment variable the recipe names, never from the recipe, and is
+scrubbed from every error message this module produces.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import hashlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
+
+from agentsoc.backend import BackendError, FatalBackendError, TransientBackendError
+from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, JobState, Message, ModelRef, Sampling, Usage
+from backends.openai_batch import Batcher
+from backends.openai_files import JsonRecord, content_hash, describe, safe_name, training_jsonl, validate
+
+#: After this day OpenAI accepts no new fine-tuning jobs from anyone (ecosystem.md finding 1).
+NO_NEW_JOBS_AFTER = dt.date(2027, 1, 6)
+_STATUS = {
+    "validating_files": JobState.QUEUED,
+    "queued": JobState.QUEUED,
+    "running": JobState.RUNNING,
+    "pausing": JobState.RUNNING,
+    "paused": JobState.RUNNING,
+    "succeeded": JobState.SUCCEEDED,
+    "failed": JobState.FAILED,
+    "cancelled": JobState.CANCELLED,
+}
+#: OpenAI limits metadata values to 512 characters.
+_METADATA_MAX = 512
+_LOCAL_HINT = "use a local recipe (llamacpp backend, e.g. recipes/arithmetic-mock.toml as a template) instead"
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, ``retry-after`` seconds or HTTP date."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max((parsed - dt.datetime.now(dt.UTC)).total_seconds(), 0.0) if parsed else None
+
+
+def _api_message(e: openai.APIStatusError) -> str:
+    body = e.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return e.message
+
+
+class OpenAIBackend:
+    """The Backend over the OpenAI API (or any OpenAI-compatible server for inference)."""
+
+    name = "openai"
+    can_finetune = True
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        *,
+        run_dir: Path,
+        secret: str,
+        batch: bool = False,
+        batch_window_s: float = 2.0,
+        batch_poll_s: float = 30.0,
+        weight_support: bool = True,
+        today: dt.date | None = None,
+    ) -> None:
+        self.client = client
+        self.state_dir = run_dir / "openai"
+        self.weight_support = weight_support
+        self._secret = secret
+        self._today = today
+        self._uploads = JsonRecord(self.state_dir / "uploads.json")
+        self._batcher = (
+            Batcher(
+                client,
+                JsonRecord(self.state_dir / "batches.json"),
+                window_s=batch_window_s,
+                poll_s=batch_poll_s,
+                map_error=self.map_error,
+            )
+            if batch
+            else None
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(base_url={str(self.client.base_url)!r}, batch={self._batcher is not None})"
+
+    # -- errors ---------------------------------------------------------------------------------
+    def scrub(self, text: str) -> str:
+        """``text`` with the API key (and any bearer token) blanked out."""
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+
+    def map_error(self, e: Exception, call: str, model: str) -> BackendError:
+        """Classify an SDK/transport failure: transient (retry may help) or fatal (it cannot)."""
+        if isinstance(e, BackendError):
+            return e
+        if isinstance(e, openai.APIStatusError):
+            status = e.status_code
+            text = self.scrub(f"openai {call} for model {model}: HTTP {status}: {_api_message(e)}")
+            if status in (408, 409, 429) or status >= 500:
+                return TransientBackendError(text, retry_after=_retry_after(e.response.headers))
+            return FatalBackendError(text)
+        if isinstance(e, openai.APITimeoutError):
+            return TransientBackendError(self.scrub(f"openai {call} for model {model}: timed out"))
+        if isinstance(e, openai.APIConnectionError | httpx2.TransportError):
+            return TransientBackendError(self.scrub(f"openai {call} for model {model}: connection failed: {e}"))
+        if isinstance(e, openai.APIResponseValidationError | ValueError | KeyError | TypeError):
+            # a truncated or malformed body: the same request will most likely get a good one
+            return TransientBackendError(self.scrub(f"openai {call} for model {model}: malformed response: {e}"))
+        return FatalBackendError(self.scrub(f"openai {call} for model {model}: {type(e).__name__}: {e}"))
+
+    # -- chat -----------------------------------------------------------------------------------
+    @staticmethod
+    def chat_body(model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> dict[str, Any]:
+        """The request body of one chat call; the same for the online and the Batch API path."""
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+        }
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        return body
+
+    async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+        body = self.chat_body(model, messages, sampling)
+        if self._batcher is not None:
+            data = await self._batcher.submit(body)
+        else:
+            try:
+                response = await self.client.chat.completions.create(**body)
+            except Exception as e:
+                raise self.map_error(e, "chat.completions.create", model) from None
+            if not isinstance(response, ChatCompletion):  # the SDK hands back a body it could not parse as is
+                raise TransientBackendError(f"openai chat.completions.create for model {model}: malformed response")
+            data = response.model_dump()
+        try:
+            choice = data["choices"][0]
+            usage = data.get("usage") or {}
+            return Completion(
+                text=choice["message"]["content"] or "",
+                usage=Usage(
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                ),
+                model=model,
+                finish_reason=choice.get("finish_reason"),
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise self.map_error(e, "chat.completions.create", model) from None
+
+    # -- fine-tuning ----------------------------------------------------------------------------
+    def _now(self) -> dt.date:
+        return self._today or dt.datetime.now(dt.UTC).date()
+
+    async def preflight(self, base: ModelRef, where: str) -> None:
+        """Refuse a base model that is shut down or gone, and any job after OpenAI's cut-off."""
+        today = self._now()
+        if today > NO_NEW_JOBS_AFTER:
+            raise FatalBackendError(
+                f"fine-tuning {where} on {base}: OpenAI stopped new fine-tuning jobs on {NO_NEW_JOBS_AFTER}; "
+                + _LOCAL_HINT
+            )
+        try:
+            model = await self.client.models.retrieve(base)
+        except openai.NotFoundError:
+            raise FatalBackendError(
+                f"fine-tuning {where}: model {base} does not exist (any more) at this endpoint; it may have been "
+                f"shut down — OpenAI is winding down fine-tuning (no new jobs after {NO_NEW_JOBS_AFTER}); "
+                + _LOCAL_HINT
+            ) from None
+        except Exception as e:
+            raise self.map_error(e, "models.retrieve", base) from None
+        shutdown = getattr(model, "shutdown_date", None)
+        if shutdown:
+            try:
+                day = dt.date.fromisoformat(str(shutdown)[:10])
+            except ValueError:
+                day = None
+            if day is not None and day <= today:
+                raise FatalBackendError(
+                    f"fine-tuning {where}: model {base} was shut down on {day}; OpenAI stopped new fine-tuning "
+                    f"jobs on it (and stops all new jobs after {NO_NEW_JOBS_AFTER}); " + _LOCAL_HINT
+                )
+
+    @staticmethod
+    def job_tag(key: str) -> str:
+        """The metadata value that identifies a job by its key (hashed when too long for OpenAI)."""
+        if len(key) <= _METADATA_MAX:
+            return key
+        return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+    async def _adopt(self, key: str, base: ModelRef) -> Any | None:
+        """An existing job with this key that has not failed: a resumed run must not pay twice."""
+        try:
+            page = await self.client.fine_tuning.jobs.list(metadata={"agentsoc_key": self.job_tag(key)}, limit=100)
+        except Exception as e:
+            raise self.map_error(e, "fine_tuning.jobs.list", base) from None
+        for job in page.data:
+            if (job.metadata or {}).get("agentsoc_key") == self.job_tag(key) and job.status not in (
+                "failed",
+                "cancelled",
+            ):
+                return job
+        return None
+
+    async def _upload(self, key: str, data: bytes, base: ModelRef) -> str:
+        """The file id of ``data`` for ``key``: a recorded upload of the same content is reused."""
+        digest = content_hash(data)
+        uploads = self._uploads.load()
+        seen = uploads.get(key)
+        if seen and seen.get("sha256") == digest:
+            return str(seen["file_id"])
+        path = self.state_dir / f"{safe_name(key)}-{digest[:12]}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        try:
+            uploaded = await self.client.files.create(file=(path.name, data), purpose="fine-tune")
+        except Exception as e:
+            raise self.map_error(e, "files.create", base) from None
+        uploads[key] = {"sha256": digest, "file_id": uploaded.id, "path": path.name}
+        self._uploads.save(uploads)
+        return str(uploaded.id)
+
+    async def submit_finetune(
+        self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, *, key: str
+    ) -> Job:
+        where = describe(key, spec.metadata)
+        validate(examples, base, key, spec.metadata, weights=self.weight_support)
+        await self.preflight(base, where)
+        existing = await self._adopt(key, base)
+        if existing is not None:
+            return await self._to_job(key, base, existing, events=False)
+        file_id = await self._upload(key, training_jsonl(examples, weights=self.weight_support), base)
+        metadata = {k: v[:_METADATA_MAX] for k, v in list(spec.metadata.items())[:15]}
+        metadata["agentsoc_key"] = self.job_tag(key)
+        try:
+            created = await self.client.fine_tuning.jobs.create(
+                model=base,
+                training_file=file_id,
+                method={
+                    "type": "supervised",
+                    "supervised": {
+                        "hyperparameters": {
+                            "n_epochs": spec.epochs,
+                            "batch_size": spec.batch_size,
+                            "learning_rate_multiplier": spec.learning_rate_multiplier,
+                        }
+                    },
+                },
+                suffix=self._suffix(spec),
+                seed=spec.seed,
+                metadata=metadata,
+            )
+        except openai.APIStatusError as e:
+            if e.status_code in (400, 403, 404):
+                raise FatalBackendError(
+                    self.scrub(
+                        f"OpenAI refused to create fine-tuning {where} on {base}: HTTP {e.status_code}: "
+                        f'"{_api_message(e)}". OpenAI is winding down fine-tuning (no new jobs after '
+                        f"{NO_NEW_JOBS_AFTER}); " + _LOCAL_HINT
+                    )
+                ) from None
+            raise self.map_error(e, "fine_tuning.jobs.create", base) from None
+        except Exception as e:
+            raise self.map_error(e, "fine_tuning.jobs.create", base) from None
+        return await self._to_job(key, base, created, events=False)
+
+    @staticmethod
+    def _suffix(spec: FinetuneSpec) -> str:
+        """A readable model-name suffix (``i1-a0-critic``); OpenAI allows up to 64 characters."""
+        if spec.suffix:
+            raw = spec.suffix
+        else:
+            m = spec.metadata
+            raw = f"i{m.get('iteration', 'x')}-a{m.get('agent', 'x')}-{m.get('role', 'model')}"
+        return re.sub(r"[^A-Za-z0-9_-]", "-", raw)[:64]
+
+    async def poll_finetune(self, job: Job) -> Job:
+        try:
+            remote = await self.client.fine_tuning.jobs.retrieve(job.id)
+        except Exception as e:
+            raise self.map_error(e, f"fine_tuning.jobs.retrieve {job.id}", job.base) from None
+        return await self._to_job(job.key, job.base, remote, events=True)
+
+    async def _to_job(self, key: str, base: ModelRef, remote: Any, *, events: bool) -> Job:
+        state = _STATUS.get(remote.status, JobState.QUEUED)
+        lines: tuple[str, ...] = ()
+        if events:
+            try:
+                page = await self.client.fine_tuning.jobs.list_events(remote.id, limit=50)
+            except Exception as e:
+                raise self.map_error(e, f"fine_tuning.jobs.list_events {remote.id}", base) from None
+            lines = tuple(f"{ev.level}: {ev.message}" for ev in reversed(page.data))
+        error = None
+        if state in (JobState.FAILED, JobState.CANCELLED):
+            message = remote.error.message if remote.error is not None and remote.error.message else None
+            error = self.scrub(f'OpenAI says: "{message}"') if message else f"OpenAI reports the job {remote.status}"
+        return Job(
+            key=key,
+            backend=self.name,
+            id=remote.id,
+            base=base,
+            state=state,
+            result=remote.fine_tuned_model if state is JobState.SUCCEEDED else None,
+            error=error,
+            progress=1.0 if state is JobState.SUCCEEDED else None,
+            events=lines,
+            trained_tokens=remote.trained_tokens,
+        )
+
+    async def aclose(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.aclose()
+        await self.client.close()
+
+
+_OPTIONS = {
+    "base_url",
+    "api_key_env",
+    "timeout_s",
+    "batch",
+    "batch_window_s",
+    "batch_poll_s",
+    "organization",
+    "project",
+    "weight_support",
+}
+
+
+def create(options: Mapping[str, Any], run_dir: Path) -> OpenAIBackend:
+    """Recipe options (``[backend.options]``): ``base_url``, ``api_key_env`` (default
+    ``OPENAI_API_KEY``; the key itself never belongs in a recipe), ``timeout_s``, ``batch``,
+    ``batch_window_s``, ``batch_poll_s``, ``organization``, ``project``, ``weight_support``.
+
+    A local server (``base_url`` set) needs no key; the hosted API does.
+    """
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise ValueError(f"backend 'openai': unknown option {unknown[0]!r} (known: {', '.join(sorted(_OPTIONS))})")
+    env = str(options.get("api_key_env", "OPENAI_API_KEY"))
+    base_url = options.get("base_url")
+    key = os.environ.get(env, "")
+    if not key:
+        if base_url is None:
+            raise ValueError(f"backend 'openai': the environment variable {env} holding the API key is not set")
+        key = "not-needed"  # local OpenAI-compatible servers ignore the key but the SDK wants one
+    client = AsyncOpenAI(
+        api_key=key,
+        base_url=str(base_url) if base_url is not None else None,
+        organization=options.get("organization"),
+        project=options.get("project"),
+        timeout=float(options.get("timeout_s", 120.0)),
+        max_retries=0,
+    )
+    return OpenAIBackend(
+        client,
+        run_dir=run_dir,
+        secret=key,
+        batch=bool(options.get("batch", False)),
+        batch_window_s=float(options.get("batch_window_s", 2.0)),
+        batch_poll_s=float(options.get("batch_poll_s", 30.0)),
+        weight_support=bool(options.get("weight_support", True)),
+    )

@@ -1,0 +1,133 @@
+"""Training-file checks and upload bookkeeping for the OpenAI backend.
+
+Both exist to avoid paying for mistakes: a training set OpenAI would reject is caught before any
+upload (with the agent and role named, not a job id), and a file uploaded before a crash is reused
+by the resumed run instead of being uploaded twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from agentsoc.backend import FatalBackendError
+from agentsoc.types import ChatExample, ModelRef
+
+#: OpenAI's documented minimum number of training examples per job.
+MIN_EXAMPLES = 10
+#: Per-example token limits for training (context lengths of the finetunable snapshots).
+_TOKEN_LIMITS = {
+    "gpt-3.5-turbo": 16_385,
+    "gpt-4o-mini": 65_536,
+    "gpt-4o": 65_536,
+    "gpt-4.1": 65_536,
+    "gpt-4.1-mini": 65_536,
+    "gpt-4.1-nano": 65_536,
+}
+_DEFAULT_TOKEN_LIMIT = 16_385
+_ROLES = {"system", "user", "assistant"}
+
+
+def base_name(model: ModelRef) -> str:
+    """``ft:gpt-4o-mini-2024-07-18:org::id`` → ``gpt-4o-mini-2024-07-18``."""
+    return model.split(":")[1] if model.startswith("ft:") else model
+
+
+def token_limit(model: ModelRef) -> int:
+    """The per-example limit of ``model``'s family (longest matching prefix wins)."""
+    name = base_name(model)
+    best = max((p for p in _TOKEN_LIMITS if name.startswith(p)), key=len, default=None)
+    return _TOKEN_LIMITS[best] if best else _DEFAULT_TOKEN_LIMIT
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free estimate (~4 characters per token, OpenAI's rule of thumb)."""
+    return len(text) // 4 + 1
+
+
+def example_tokens(example: ChatExample) -> int:
+    """Estimated tokens of one conversation, counting the per-message framing (~4 tokens)."""
+    return sum(estimate_tokens(m.content) + 4 for m in example.messages) + 2
+
+
+def describe(key: str, metadata: Mapping[str, str]) -> str:
+    """``job <key> (iteration 1, agent 0, role critic)`` for error messages."""
+    parts = [f"{k} {metadata[k]}" for k in ("iteration", "agent", "role") if k in metadata]
+    return f"job {key}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def validate(
+    examples: Sequence[ChatExample], base: ModelRef, key: str, metadata: Mapping[str, str], *, weights: bool
+) -> None:
+    """Raise :class:`FatalBackendError` if OpenAI would reject this training set."""
+    where = describe(key, metadata)
+    if len(examples) < MIN_EXAMPLES:
+        raise FatalBackendError(
+            f"fine-tuning {where} on {base}: {len(examples)} training examples, OpenAI requires at least "
+            f"{MIN_EXAMPLES}; raise selection.min_examples to {MIN_EXAMPLES} to skip such roles, or use more problems"
+        )
+    limit = token_limit(base)
+    for i, ex in enumerate(examples):
+        roles = [m.role for m in ex.messages]
+        bad = [r for r in roles if r not in _ROLES]
+        if bad:
+            raise FatalBackendError(f"fine-tuning {where}: example {i} has an invalid role {bad[0]!r}")
+        trainable = [m for m in ex.messages if m.role == "assistant" and m.weight != 0]
+        if not trainable:
+            raise FatalBackendError(f"fine-tuning {where}: example {i} has no assistant message to train on")
+        if roles[-1] != "assistant":
+            raise FatalBackendError(f"fine-tuning {where}: example {i} does not end with an assistant message")
+        if weights and any(m.weight not in (None, 0, 1) for m in ex.messages):
+            raise FatalBackendError(f"fine-tuning {where}: example {i} has a weight other than 0 or 1")
+        tokens = example_tokens(ex)
+        if tokens > limit:
+            raise FatalBackendError(
+                f"fine-tuning {where}: example {i} has about {tokens} tokens, over {base}'s limit of {limit}"
+            )
+
+
+def training_jsonl(examples: Sequence[ChatExample], *, weights: bool) -> bytes:
+    """OpenAI chat fine-tuning JSONL; per-message ``weight`` only where the provider accepts it."""
+    lines = []
+    for ex in examples:
+        data: dict[str, Any] = ex.to_openai()
+        if not weights:
+            for m in data["messages"]:
+                m.pop("weight", None)
+        lines.append(json.dumps(data, ensure_ascii=False, sort_keys=True))
+    return ("\n".join(lines) + "\n").encode()
+
+
+class JsonRecord:
+    """A small JSON file of state that must outlive the process (uploads, pending batches).
+
+    Written atomically (temp file + rename): a crash leaves the old or the new version, never half.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {}
+        data: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
+        return data
+
+    def save(self, data: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def safe_name(key: str) -> str:
+    """A file name for ``key`` (``run/fp/iter-1/agent-0/generator`` → ``run_fp_iter-1_agent-0_generator``)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in key)[:150]

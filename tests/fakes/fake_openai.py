@@ -1,0 +1,480 @@
+"""A fake OpenAI server on 127.0.0.1 for offline tests of the OpenAI backend.
+
+It is a real HTTP server (stdlib ``ThreadingHTTPServer`` in a background thread), so the SDK's
+whole stack — HTTPX2, multipart uploads, query encoding, timeouts — runs as it would against the
+real API. Chat answers come from :class:`backends.mock.MockBrain`, so they parse and are
+deterministic by seed, and fine-tuning "improves" a model the way the mock backend does.
+
+Implemented: chat completions, models (with ``shutdown_date``), files (multipart upload, content),
+fine-tuning jobs (create, list with metadata filter, retrieve, events) and batches (create,
+retrieve). Jobs advance one state per retrieve. Faults are injected at a seeded rate: 429 with
+Retry-After, 500, a response slower than the client's timeout, a malformed JSON body, a dropped
+connection. A dropped or malformed response to a POST is sent *after* the server acted on it
+(the response was lost, not the request) — the case that makes job creation non-idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from agentsoc.types import ChatExample, Message
+from backends.mock import MockBrain
+
+FAULTS = ("429", "500", "slow", "malformed", "drop")
+
+#: Real-looking model names → (mock skill, shutdown date)
+DEFAULT_MODELS: dict[str, tuple[float, str | None]] = {
+    "gpt-3.5-turbo-0125": (0.55, "2026-10-23"),
+    "gpt-4o-mini-2024-07-18": (0.6, "2027-01-14"),
+    "gpt-4.1-mini-2025-04-14": (0.65, "2027-01-14"),
+    "agent-a": (0.45, None),
+    "agent-b": (0.5, None),
+    "agent-c": (0.55, None),
+}
+
+
+@dataclass
+class FakeState:
+    """Everything the "server" knows; tests read and tweak it directly (under ``lock``)."""
+
+    api_key: str
+    models: dict[str, tuple[float, str | None]] = field(default_factory=lambda: dict(DEFAULT_MODELS))
+    fault_rate: float = 0.0
+    fault_kinds: tuple[str, ...] = FAULTS
+    fault_seed: int = 0
+    slow_s: float = 1.0
+    latency_s: float = 0.0
+    #: retrieves a job needs to go validating_files → queued → running → … → succeeded
+    job_polls: int = 3
+    #: retrieves a batch needs before it completes
+    batch_polls: int = 2
+    hold_jobs: bool = False
+    fail_jobs: bool = False
+    refuse_finetune: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ft_models: dict[str, str] = field(default_factory=dict)
+    chat_requests: int = 0
+    uploads: int = 0
+    batch_uploads: int = 0
+    jobs_created: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    faults_injected: Counter[str] = field(default_factory=Counter)
+    seen_auth: set[str] = field(default_factory=set)
+    _next: int = 0
+    _rng: random.Random | None = None
+
+    def new_id(self, prefix: str) -> str:
+        self._next += 1
+        return f"{prefix}-{self._next:05d}"
+
+    def draw_fault(self) -> str | None:
+        if self._rng is None:
+            self._rng = random.Random(self.fault_seed)
+        if self.fault_rate <= 0 or self._rng.random() >= self.fault_rate:
+            return None
+        kind = self._rng.choice(self.fault_kinds)
+        self.faults_injected[kind] += 1
+        return kind
+
+    def active_jobs(self) -> int:
+        return sum(1 for j in self.jobs.values() if j["status"] not in ("succeeded", "failed", "cancelled"))
+
+    def brain_ref(self, model: str) -> str | None:
+        """The mock model behind an OpenAI model name, or None if it does not exist."""
+        if model in self.ft_models:
+            return self.ft_models[model]
+        if model in self.models:
+            return f"mock:{self.models[model][0]}"
+        return None
+
+
+class _Drop(Exception):
+    """Close the connection without a response."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # the tests' output stays quiet
+        return None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _send(
+        self, status: int, payload: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        body = raw if raw is not None else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if raw is None else "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str, code: str = "invalid_request_error") -> None:
+        self._send(status, {"error": {"message": message, "type": code, "code": code, "param": None}})
+
+    def _dispatch(self, method: str) -> None:
+        st = self.server.state
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        url = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(url.query)
+        auth = self.headers.get("Authorization", "")
+        with st.lock:
+            st.seen_auth.add(auth)
+            fault = st.draw_fault()
+        if auth != f"Bearer {st.api_key}":
+            # like OpenAI, the message quotes the key it was given (here in full: worst case for leaks)
+            self._error(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}", "invalid_api_key")
+            return
+        if st.latency_s:
+            time.sleep(st.latency_s)
+        if fault == "429":
+            self._send(
+                429,
+                {"error": {"message": "Rate limit reached", "type": "rate_limit_exceeded", "code": None}},
+                headers={"retry-after-ms": "20", "retry-after": "1"},
+            )
+            return
+        if fault == "500":
+            self._error(500, "The server had an error while processing your request", "server_error")
+            return
+        if fault == "slow":
+            time.sleep(st.slow_s)
+            raise _Drop
+        status, payload, raw = self._route(method, url.path, query, body)
+        if fault == "drop":
+            raise _Drop
+        if fault == "malformed" and raw is None:
+            self._send(200, None, raw=json.dumps(payload).encode()[:20])
+            self.close_connection = True
+            return
+        self._send(status, payload, raw=raw)
+
+    def do_GET(self) -> None:
+        self._safely("GET")
+
+    def do_POST(self) -> None:
+        self._safely("POST")
+
+    def _safely(self, method: str) -> None:
+        try:
+            self._dispatch(method)
+        except (_Drop, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    # -- routes ---------------------------------------------------------------------------------
+    def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> tuple[int, Any, bytes | None]:
+        st = self.server.state
+        parts = path.strip("/").split("/")
+        if parts[:1] != ["v1"]:
+            return 404, {"error": {"message": f"no route {path}"}}, None
+        parts = parts[1:]
+        with st.lock:
+            if method == "POST" and parts == ["chat", "completions"]:
+                return self._chat(json.loads(body))
+            if method == "GET" and parts[:1] == ["models"] and len(parts) >= 2:
+                return self._model("/".join(parts[1:]))
+            if method == "POST" and parts == ["files"]:
+                return self._upload(body)
+            if method == "GET" and parts[:1] == ["files"] and parts[2:] == ["content"]:
+                f = st.files.get(parts[1])
+                if f is None:
+                    return 404, {"error": {"message": f"No such File object: {parts[1]}"}}, None
+                return 200, None, f["bytes"]
+            if parts[:2] == ["fine_tuning", "jobs"]:
+                return self._jobs(method, parts[2:], query, body)
+            if parts[:1] == ["batches"]:
+                return self._batches(method, parts[1:], body)
+        return 404, {"error": {"message": f"no route {method} {path}"}}, None
+
+    def _chat(self, req: dict[str, Any]) -> tuple[int, Any, None]:
+        st = self.server.state
+        ref = st.brain_ref(req["model"])
+        if ref is None:
+            msg = f"The model `{req['model']}` does not exist or you do not have access to it."
+            return 404, {"error": {"message": msg, "type": "invalid_request_error", "code": "model_not_found"}}, None
+        st.chat_requests += 1
+        return 200, chat_response(st, req, ref), None
+
+    def _model(self, model_id: str) -> tuple[int, Any, None]:
+        st = self.server.state
+        if st.brain_ref(model_id) is None:
+            return (
+                404,
+                {"error": {"message": f"The model '{model_id}' does not exist", "code": "model_not_found"}},
+                None,
+            )
+        base = model_id.split(":")[1] if model_id.startswith("ft:") else model_id
+        shutdown = st.models.get(base, (0.0, None))[1]
+        return (
+            200,
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "openai", "shutdown_date": shutdown},
+            None,
+        )
+
+    def _upload(self, body: bytes) -> tuple[int, Any, None]:
+        st = self.server.state
+        msg = BytesParser().parsebytes(b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body)
+        fields: dict[str, Any] = {}
+        filename = "upload.jsonl"
+        for part in msg.get_payload():
+            name = part.get_param("name", header="content-disposition")
+            if part.get_filename():
+                filename = part.get_filename()
+            fields[name] = part.get_payload(decode=True)
+        purpose = fields.get("purpose", b"").decode()
+        fid = st.new_id("file")
+        st.files[fid] = {"bytes": fields["file"], "purpose": purpose, "filename": filename}
+        if purpose == "fine-tune":
+            st.uploads += 1
+        else:
+            st.batch_uploads += 1
+        obj = {
+            "id": fid,
+            "object": "file",
+            "bytes": len(fields["file"]),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        return 200, obj, None
+
+    def _jobs(self, method: str, rest: list[str], query: dict[str, list[str]], body: bytes) -> tuple[int, Any, None]:
+        st = self.server.state
+        if method == "POST" and not rest:
+            return self._create_job(json.loads(body))
+        if method == "GET" and not rest:
+            wanted = {k[len("metadata[") : -1]: v[0] for k, v in query.items() if k.startswith("metadata[")}
+            data = [
+                j
+                for j in sorted(st.jobs.values(), key=lambda j: j["id"], reverse=True)
+                if all((j["metadata"] or {}).get(k) == v for k, v in wanted.items())
+            ]
+            return 200, {"object": "list", "data": data, "has_more": False}, None
+        job = st.jobs.get(rest[0])
+        if job is None:
+            return 404, {"error": {"message": f"No fine-tuning job {rest[0]}"}}, None
+        if method == "GET" and rest[1:] == ["events"]:
+            events = [
+                {
+                    "id": f"{job['id']}-ev{i}",
+                    "object": "fine_tuning.job.event",
+                    "created_at": i,
+                    "level": "error" if "fail" in m else "info",
+                    "message": m,
+                    "type": "message",
+                }
+                for i, m in enumerate(job["_events"])
+            ]
+            return 200, {"object": "list", "data": events[::-1], "has_more": False}, None
+        if method == "GET" and len(rest) == 1:
+            self._advance(job)
+            return 200, _public(job), None
+        return 404, {"error": {"message": "no route"}}, None
+
+    def _create_job(self, req: dict[str, Any]) -> tuple[int, Any, None]:
+        st = self.server.state
+        if st.refuse_finetune:
+            return 403, {"error": {"message": st.refuse_finetune, "type": "invalid_request_error"}}, None
+        base_ref = st.brain_ref(req["model"])
+        if base_ref is None:
+            return 400, {"error": {"message": f"Model {req['model']} is not available for fine-tuning"}}, None
+        f = st.files.get(req["training_file"])
+        if f is None:
+            return 400, {"error": {"message": f"invalid training_file: {req['training_file']}"}}, None
+        examples = [
+            ChatExample(messages=tuple(Message(**m) for m in json.loads(line)["messages"]))
+            for line in f["bytes"].decode().splitlines()
+            if line.strip()
+        ]
+        jid = st.new_id("ftjob")
+        metadata = req.get("metadata") or {}
+        st.jobs_created[(metadata.get("iteration", ""), metadata.get("agent", ""), metadata.get("role", ""))] += 1
+        base_name = req["model"].split(":")[1] if req["model"].startswith("ft:") else req["model"]
+        result = f"ft:{base_name}:agentsoc:{req.get('suffix') or 'model'}:{jid}"
+        st.ft_models[result] = MockBrain().train(base_ref, examples, jid)
+        tokens = sum(len(m.content) // 4 + 4 for ex in examples for m in ex.messages)
+        hp = (req.get("method") or {}).get("supervised", {}).get("hyperparameters", {})
+        job = {
+            "id": jid,
+            "object": "fine_tuning.job",
+            "created_at": int(time.time()),
+            "model": req["model"],
+            "status": "validating_files",
+            "fine_tuned_model": None,
+            "finished_at": None,
+            "error": None,
+            "training_file": req["training_file"],
+            "validation_file": None,
+            "result_files": [],
+            "hyperparameters": hp,
+            "method": req.get("method"),
+            "seed": req.get("seed", 0),
+            "organization_id": "org-fake",
+            "trained_tokens": None,
+            "metadata": metadata,
+            "_result": result,
+            "_polls": 0,
+            "_tokens": tokens * int(hp.get("n_epochs", 1)),
+            "_events": [f"Created fine-tuning job: {jid}", "Validating training file"],
+        }
+        st.jobs[jid] = job
+        return 200, _public(job), None
+
+    def _advance(self, job: dict[str, Any]) -> None:
+        st = self.server.state
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return
+        job["_polls"] += 1
+        if job["_polls"] == 1:
+            job["status"] = "queued"
+            job["_events"].append("Files validated, moving job to queued state")
+        elif job["_polls"] >= 2 and (st.hold_jobs or job["_polls"] < st.job_polls):
+            if job["status"] != "running":
+                job["_events"].append("Fine-tuning job started")
+            job["status"] = "running"
+        elif st.fail_jobs:
+            job["status"] = "failed"
+            job["error"] = {
+                "code": "invalid_training_file",
+                "message": "Training file contains toxic content",
+                "param": "training_file",
+            }
+            job["_events"].append("Job failed: Training file contains toxic content")
+        else:
+            job["status"] = "succeeded"
+            job["fine_tuned_model"] = job["_result"]
+            job["trained_tokens"] = job["_tokens"]
+            job["finished_at"] = int(time.time())
+            job["_events"].append("The job has successfully completed")
+
+    def _batches(self, method: str, rest: list[str], body: bytes) -> tuple[int, Any, None]:
+        st = self.server.state
+        if method == "POST" and not rest:
+            req = json.loads(body)
+            f = st.files.get(req["input_file_id"])
+            if f is None:
+                return 400, {"error": {"message": "invalid input_file_id"}}, None
+            bid = st.new_id("batch")
+            lines = []
+            for raw in f["bytes"].decode().splitlines():
+                if not raw.strip():
+                    continue
+                item = json.loads(raw)
+                ref = st.brain_ref(item["body"]["model"])
+                if ref is None:
+                    resp = {"status_code": 404, "body": {"error": {"message": "model not found"}}}
+                else:
+                    st.chat_requests += 1
+                    resp = {"status_code": 200, "body": chat_response(st, item["body"], ref)}
+                lines.append(
+                    {"id": f"{bid}-{len(lines)}", "custom_id": item["custom_id"], "response": resp, "error": None}
+                )
+            st.batches[bid] = {
+                "id": bid,
+                "object": "batch",
+                "endpoint": req["endpoint"],
+                "input_file_id": req["input_file_id"],
+                "completion_window": req["completion_window"],
+                "status": "validating",
+                "created_at": int(time.time()),
+                "output_file_id": None,
+                "error_file_id": None,
+                "metadata": req.get("metadata"),
+                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+                "_lines": lines,
+                "_polls": 0,
+            }
+            return 200, _public(st.batches[bid]), None
+        batch = st.batches.get(rest[0]) if rest else None
+        if method == "GET" and batch is not None:
+            batch["_polls"] += 1
+            if batch["status"] != "completed":
+                batch["status"] = "in_progress"
+            if batch["_polls"] >= st.batch_polls and batch["status"] != "completed":
+                out = "".join(json.dumps(line) + "\n" for line in batch["_lines"]).encode()
+                fid = st.new_id("file")
+                st.files[fid] = {"bytes": out, "purpose": "batch_output", "filename": f"{batch['id']}_output.jsonl"}
+                batch.update(status="completed", output_file_id=fid)
+                batch["request_counts"]["completed"] = len(batch["_lines"])
+            return 200, _public(batch), None
+        return 404, {"error": {"message": "no such batch"}}, None
+
+
+def chat_response(st: FakeState, req: dict[str, Any], ref: str) -> dict[str, Any]:
+    """A chat.completion object; the text depends only on model, messages and seed."""
+    text = MockBrain().reply(ref, req["messages"], req.get("seed"))
+    prompt = sum(len(m["content"]) // 4 + 4 for m in req["messages"])
+    completion = len(text) // 4 + 1
+    return {
+        "id": f"chatcmpl-{abs(hash((text, prompt))) % 10**12}",
+        "object": "chat.completion",
+        "created": 0,
+        "model": req["model"],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}
+        ],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
+
+
+def _public(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    state: FakeState
+
+
+class FakeOpenAI:
+    """The server and its state; ``base_url`` goes into a recipe's ``backend.options``."""
+
+    def __init__(self, api_key: str = "sk-fake-test-key-0123456789", **state: Any) -> None:
+        self.state = FakeState(api_key=api_key, **state)
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.state = self.state
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-openai", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}/v1"
+
+    def start(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def configure(self, **changes: Any) -> None:
+        with self.state.lock:
+            for k, v in changes.items():
+                setattr(self.state, k, v)
+
+
+def serve(**state: Any) -> Iterator[FakeOpenAI]:
+    """Start a server for the duration of a ``with``/fixture and stop it afterwards."""
+    server = FakeOpenAI(**state).start()
+    try:
+        yield server
+    finally:
+        server.stop()
