@@ -65,6 +65,10 @@ class SocietyConfig(_Section):
     summarize: bool = True
     #: critics answer rounds >= 1; False keeps the generators in every round (w/o critic ablation)
     critic: bool = True
+    #: one shared model told which agent and role it plays by a system message ("You are agent 2
+    #: (critic).") in debate and training data (Unique ID ablation, paper Table 5); use with
+    #: finetune.single_agent = true
+    unique_id: bool = False
 
     @model_validator(mode="after")
     def _models_match_agents(self) -> SocietyConfig:
@@ -86,6 +90,12 @@ class SelectionConfig(_Section):
     critic_loss: Literal["later_rounds", "all_turns"] = "later_rounds"
     #: a role whose dataset is smaller than this is not finetuned this iteration (kept as is)
     min_examples: int = Field(default=1, ge=1)
+    #: the label that selects data: the debate's majority vote (the method; no ground truth) or the
+    #: ground-truth answer (the STaR baseline)
+    label: Literal["vote", "ground_truth"] = "vote"
+    #: STaR's rationalization: re-ask an agent that answered wrong with the correct answer as a hint
+    #: and keep the rationale (trained on the prompt WITHOUT the hint) if it reaches the answer
+    rationalize: bool = False
 
 
 class FinetuneConfig(_Section):
@@ -95,6 +105,35 @@ class FinetuneConfig(_Section):
     #: one model trained on the union of all agents' data, used by every agent (ablation)
     single_agent: bool = False
     spec: FinetuneSpec = FinetuneSpec()
+
+
+DiversityMetric = Literal["consensus", "embedding", "likelihood", "kl"]
+
+
+def _all_diversity() -> list[DiversityMetric]:
+    return ["consensus", "embedding", "likelihood", "kl"]
+
+
+class EvaluationConfig(_Section):
+    """How held-out problems are debated; every field left out means "as in training".
+
+    ``task`` evaluates on another benchmark (zero-shot transfer, e.g. train on MATH, test on GSM8K).
+    ``agents`` smaller than the society uses the first slots; larger reuses them cyclically.
+    """
+
+    task: TaskConfig | None = None
+    agents: int | None = Field(default=None, ge=1)
+    rounds: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    summarize: bool | None = None
+    #: prompt overrides for the evaluation task (defaults to the recipe's ``prompts`` when the
+    #: evaluation task is the training task)
+    prompts: dict[str, str] | None = None
+    #: diversity metrics computed on every evaluation (agentsoc.diversity); likelihood and kl need a
+    #: backend that can score responses and are skipped, with a note, when it cannot
+    diversity: list[DiversityMetric] = Field(default_factory=_all_diversity)
+    #: at most this many held-out problems feed the likelihood/KL metrics (each costs 2·N·(N−1) scores)
+    diversity_problems: int = Field(default=50, ge=1)
 
 
 class Recipe(_Section):
@@ -108,6 +147,7 @@ class Recipe(_Section):
     sampling: Sampling = Sampling()
     selection: SelectionConfig = SelectionConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     #: overrides of the task's prompt preset, by PromptSet field name
     prompts: dict[str, str] = Field(default_factory=dict)
     #: the folder of the recipe file; relative paths in task options resolve against it

@@ -53,6 +53,18 @@ class DebateSettings(BaseModel):
     seed: int = 0
     #: distinguishes debates of one run (``iter-1/train``), so their seeds differ
     phase: str = "debate"
+    #: prefix every agent call with :func:`agent_id_message` (Unique ID ablation); the stored
+    #: conversation stays without it, selection adds it back to the training data
+    unique_id: bool = False
+
+
+def agent_id_message(agent: int, role: str) -> Message:
+    """The system message that tells a shared model which agent and role it plays (Unique ID).
+
+    The paper feeds "a unique ID token to each agent, corresponding to a generation or critic
+    agent"; the exact format is not published — this wording is our reconstruction.
+    """
+    return Message(role="system", content=f"You are agent {agent + 1} ({role}).")
 
 
 class AgentTrace(BaseModel):
@@ -141,8 +153,12 @@ async def debate_one(
     async def answer(agent: int, round_: int) -> None:
         nonlocal usage
         slot = slots[agent]
-        model = slot.generator if round_ == 0 or not settings.critic else slot.critic
-        out = await backend.complete(model, histories[agent], sampling_for(agent, round_, "answer"))
+        use_generator = round_ == 0 or not settings.critic
+        model = slot.generator if use_generator else slot.critic
+        request = histories[agent]
+        if settings.unique_id:
+            request = [agent_id_message(agent, "generator" if use_generator else "critic"), *request]
+        out = await backend.complete(model, request, sampling_for(agent, round_, "answer"))
         usage = usage + out.usage
         histories[agent].append(Message(role="assistant", content=out.text))
         answers[agent].append(task.parse_answer(out.text))

@@ -25,13 +25,16 @@ from tqdm import tqdm
 
 from agentsoc.backend import Backend, JobFailedError
 from agentsoc.config import Recipe, RecipeError, load_recipe
-from agentsoc.debate import AgentSlot, DebateSettings, Transcript, debate, gather_all
+from agentsoc.debate import AgentSlot, DebateSettings, Transcript, agent_id_message, debate, gather_all
+from agentsoc.diversity import measure
 from agentsoc.evaluate import Score, evaluate
 from agentsoc.prompts import PromptSet
 from agentsoc.selection import AgentData, select
+from agentsoc.star import rationalize
 from agentsoc.store import RunStore, export_jsonl
 from agentsoc.tasks.base import Problem, Split, Task
-from agentsoc.types import ChatExample, Job, JobState, ModelRef
+from agentsoc.types import ChatExample, Job, JobState, Message, ModelRef
+from agentsoc.vote import Vote
 from agentsoc.wrappers import compose, current_stage
 
 ROLES = ("generator", "critic")
@@ -93,6 +96,8 @@ class Society:
         task: Task,
         split: Split | None = None,
         progress: bool = True,
+        eval_task: Task | None = None,
+        eval_split: Split | None = None,
     ) -> None:
         self.recipe = recipe
         self.run_dir = run_dir
@@ -106,6 +111,20 @@ class Society:
         base = recipe.society.base_models()
         self.slots: list[AgentSlot] = [AgentSlot(index=n, generator=m, critic=m) for n, m in enumerate(base)]
         self.summarizer: ModelRef = recipe.society.summarizer or base[0]
+        # the held-out side: the training task's test split, or another task's (zero-shot transfer)
+        ev = recipe.evaluation
+        if ev.task is None:
+            self.eval_task = task
+            self.eval_prompts = resolve_prompts(task, ev.prompts) if ev.prompts is not None else self.prompts
+            self.eval_problems = self.split.test
+        else:
+            from agentsoc import tasks
+
+            self.eval_task = eval_task or tasks.create(ev.task.name, ev.task.options, base_dir=recipe.base_dir)
+            self.eval_prompts = resolve_prompts(self.eval_task, ev.prompts or {}, "evaluation")
+            self.eval_problems = (
+                eval_split or self.eval_task.load(ev.task.n_train, ev.task.n_test, recipe.seed)
+            ).test
 
     @classmethod
     def from_recipe(
@@ -129,6 +148,12 @@ class Society:
         task = tasks.create(rec.task.name, rec.task.options, base_dir=rec.base_dir)
         resolve_prompts(task, rec.prompts)
         split = task.load(rec.task.n_train, rec.task.n_test, rec.seed)
+        eval_task, eval_split = None, None
+        if rec.evaluation.task is not None:
+            ev = rec.evaluation.task
+            eval_task = tasks.create(ev.name, ev.options, base_dir=rec.base_dir)
+            resolve_prompts(eval_task, rec.evaluation.prompts or {}, "evaluation")
+            eval_split = eval_task.load(ev.n_train, ev.n_test, rec.seed)
         if rec.backend.name not in backends.names():
             raise backends.UnknownBackendError(
                 f"backend.name: unknown backend {rec.backend.name!r}; known backends: {', '.join(backends.names())}"
@@ -141,7 +166,16 @@ class Society:
             if fresh:
                 shutil.rmtree(rdir, ignore_errors=True)
             raise
-        return cls(rec, run_dir=rdir, backend=backend, task=task, split=split, progress=progress)
+        return cls(
+            rec,
+            run_dir=rdir,
+            backend=backend,
+            task=task,
+            split=split,
+            progress=progress,
+            eval_task=eval_task,
+            eval_split=eval_split,
+        )
 
     async def __aenter__(self) -> Society:
         self._store = RunStore.open(self.run_dir)
@@ -191,20 +225,45 @@ class Society:
         return f"{self.recipe.name}/{self.recipe.fingerprint()[:8]}"
 
     # -- steps ----------------------------------------------------------------------------------
-    async def debate(self, problems: Sequence[Problem], phase: str) -> list[Transcript]:
-        """Debate ``problems`` with the current slots; stored transcripts are reused as they are."""
-        done = self.store.transcripts(phase)
-        todo = [p for p in problems if p.id not in done]
-        s = self.recipe.society
-        settings = DebateSettings(
-            rounds=s.rounds,
-            summarize=s.summarize,
+    def debate_settings(self, phase: str, *, evaluation: bool = False) -> DebateSettings:
+        """The debate's shape; with ``evaluation`` the recipe's ``[evaluation]`` overrides apply."""
+        s, ev = self.recipe.society, self.recipe.evaluation
+        rounds, summarize, sampling = s.rounds, s.summarize, self.recipe.sampling
+        if evaluation:
+            rounds = ev.rounds or rounds
+            summarize = summarize if ev.summarize is None else ev.summarize
+            if ev.temperature is not None:
+                sampling = sampling.model_copy(update={"temperature": ev.temperature})
+        return DebateSettings(
+            rounds=rounds,
+            summarize=summarize,
             critic=s.critic,
             summarizer=self.summarizer,
-            sampling=self.recipe.sampling,
+            sampling=sampling,
             seed=self.recipe.seed,
             phase=phase,
+            unique_id=s.unique_id,
         )
+
+    def eval_slots(self) -> list[AgentSlot]:
+        """The slots that debate held-out problems: ``evaluation.agents`` of them, cycling the society."""
+        n = self.recipe.evaluation.agents or len(self.slots)
+        return [
+            self.slots[i % len(self.slots)].model_copy(update={"index": i}) if i >= len(self.slots) else self.slots[i]
+            for i in range(n)
+        ]
+
+    async def debate(self, problems: Sequence[Problem], phase: str, *, evaluation: bool = False) -> list[Transcript]:
+        """Debate ``problems`` with the current slots; stored transcripts are reused as they are.
+
+        ``evaluation`` debates with the ``[evaluation]`` overrides (task, agents, rounds, temperature).
+        """
+        done = self.store.transcripts(phase)
+        todo = [p for p in problems if p.id not in done]
+        settings = self.debate_settings(phase, evaluation=evaluation)
+        task = self.eval_task if evaluation else self.task
+        prompts = self.eval_prompts if evaluation else self.prompts
+        slots = self.eval_slots() if evaluation else self.slots
         bar = tqdm(
             total=len(problems),
             initial=len(problems) - len(todo),
@@ -220,7 +279,7 @@ class Society:
 
         token = current_stage.set(phase)
         try:
-            await debate(self.backend, self.task, self.prompts, self.slots, todo, settings, on_done=finished)
+            await debate(self.backend, task, prompts, slots, todo, settings, on_done=finished)
         finally:
             current_stage.reset(token)
             bar.close()
@@ -234,8 +293,12 @@ class Society:
         return self.run_dir / iteration / ("debate.jsonl" if kind == "train" else f"{kind}.jsonl")
 
     def select(self, transcripts: Sequence[Transcript]) -> list[AgentData]:
+        """Each agent's data; ``selection.label = "ground_truth"`` (STaR) selects against the truth
+        instead of the vote, ``society.unique_id`` puts the agent-ID system message in front."""
         sel = self.recipe.selection
-        return select(
+        if sel.label == "ground_truth":
+            transcripts = [t.model_copy(update={"vote": Vote(answer=t.problem.answer)}) for t in transcripts]
+        data = select(
             transcripts,
             len(self.slots),
             self.task.is_equivalent,
@@ -243,6 +306,9 @@ class Society:
             critic_loss=sel.critic_loss,
             seed=self.recipe.seed,
         )
+        if self.recipe.society.unique_id:
+            data = [_with_ids(d) for d in data]
+        return data
 
     def _write_datasets(self, iteration: int, data: Sequence[AgentData]) -> dict[tuple[str, str], list[ChatExample]]:
         """Export each agent's datasets and return the training sets keyed by (agent, role).
@@ -329,12 +395,22 @@ class Society:
         return job
 
     async def evaluate(self, iteration: int) -> dict[str, Score]:
-        """Debate the held-out problems with the current slots and score the votes."""
-        transcripts = await self.debate(self.split.test, f"iter-{iteration}/eval")
-        scores = evaluate(transcripts, self.task.is_equivalent)
+        """Debate the held-out problems with the current slots, score the votes, measure diversity."""
+        transcripts = await self.debate(self.eval_problems, f"iter-{iteration}/eval", evaluation=True)
+        scores = evaluate(transcripts, self.eval_task.is_equivalent)
         for name, sc in scores.items():
             self.store.put_metric(iteration, name, sc.model_dump())
         self.store.put_metric(iteration, "slots", [s.model_dump() for s in self.slots])
+        ev = self.recipe.evaluation
+        if ev.diversity and transcripts:
+            token = current_stage.set(f"iter-{iteration}/diversity")
+            try:
+                div = await measure(
+                    transcripts, self.backend, metrics=ev.diversity, max_scored_problems=ev.diversity_problems
+                )
+            finally:
+                current_stage.reset(token)
+            self.store.put_metric(iteration, "diversity", div)
         return scores
 
     async def iterate(self, iteration: int) -> IterationResult:
@@ -346,11 +422,35 @@ class Society:
             # How often the vote (the pseudo-label) matched ground truth: diagnostics only.
             self.store.put_metric(iteration, "label_accuracy", label_acc["debate"].model_dump())
         data = self.select(train)
+        if self.recipe.selection.rationalize:
+            data = await self._rationalize(iteration, train, data)
         self.slots = await self.finetune(iteration, data)
         scores = await self.evaluate(iteration)
         return IterationResult(
             iteration=iteration, scores=scores, datasets=self.store.datasets(iteration), slots=self.slots
         )
+
+    async def _rationalize(
+        self, iteration: int, train: Sequence[Transcript], data: list[AgentData]
+    ) -> list[AgentData]:
+        """STaR: add each agent's rationalized examples (hint-free prompt → rationale) to its D^G."""
+        token = current_stage.set(f"iter-{iteration}/rationalize")
+        try:
+            extra = await rationalize(
+                self.backend,
+                self.task,
+                self.slots,
+                train,
+                self.recipe.sampling,
+                seed=self.recipe.seed,
+                phase=f"iter-{iteration}/rationalize",
+            )
+        finally:
+            current_stage.reset(token)
+        self.store.put_metric(iteration, "rationalized", [len(e) for e in extra])
+        if self.recipe.society.unique_id:
+            extra = [[_prepend(ex, agent_id_message(n, "generator")) for ex in e] for n, e in enumerate(extra)]
+        return [d.model_copy(update={"generator": d.generator + tuple(extra[d.agent])}) for d in data]
 
     async def run(self) -> list[IterationResult]:
         """Evaluate the base society, then run every finetuning iteration of the recipe."""
@@ -359,3 +459,17 @@ class Society:
             results.append(await self.iterate(iteration))
         self.store.set_meta("finished", "1")
         return results
+
+
+def _prepend(example: ChatExample, message: Message) -> ChatExample:
+    return ChatExample(messages=(message, *example.messages))
+
+
+def _with_ids(d: AgentData) -> AgentData:
+    """Unique ID: the agent-and-role system message the debate sent, in front of each example."""
+    return d.model_copy(
+        update={
+            "generator": tuple(_prepend(e, agent_id_message(d.agent, "generator")) for e in d.generator),
+            "critic": tuple(_prepend(e, agent_id_message(d.agent, "critic")) for e in d.critic),
+        }
+    )
