@@ -16,6 +16,12 @@ The simulation, in short:
   moves to the most common answer among its own and the others' (read from the debate message or
   the summary).
 * The summarizer lists the answers it was shown.
+* System messages (the Unique ID ablation's "You are agent 2 (critic).") are ignored.
+* Sampling temperature T ≠ 1 scales the skill to ``skill ** T`` (hotter = more mistakes), so the
+  temperature-2 ablation has something to show.
+* ``score`` (the diversity metrics' log-probabilities) is pure simulation: whitespace tokens, each
+  scored against four made-up alternatives with logits hashed from (model, token). The same model
+  always agrees with itself (KL 0); two different model refs (two finetunes) disagree.
 * A finetune raises ``skill`` towards 1 in proportion to how many of the training examples end on
   the correct answer, and lowers it for wrong ones.
 
@@ -30,6 +36,7 @@ import ast
 import asyncio
 import hashlib
 import json
+import math
 import operator
 import os
 import random
@@ -50,6 +57,7 @@ from agentsoc.types import (
     Message,
     ModelRef,
     Sampling,
+    TokenLogprobs,
     Usage,
 )
 
@@ -117,8 +125,13 @@ class MockBrain:
         except ValueError:
             return truth + "'"
 
-    def reply(self, model: ModelRef, messages: Sequence[Mapping[str, str]], seed: int | None) -> str:
+    def reply(
+        self, model: ModelRef, messages: Sequence[Mapping[str, str]], seed: int | None, temperature: float = 1.0
+    ) -> str:
         skill = parse_ref(model)
+        if temperature != 1.0:
+            skill = skill**temperature
+        messages = [m for m in messages if m["role"] != "system"]
         rng = random.Random(f"{model}|{seed}|{len(messages)}")
         last = messages[-1]["content"]
         if "opinions from different agents" in last:
@@ -146,7 +159,7 @@ class MockBrain:
         skill = parse_ref(base)
         good = bad = 0
         for ex in examples:
-            truth = self.truth(ex.messages[0].content)
+            truth = self.truth(next(m.content for m in ex.messages if m.role == "user"))
             for m in ex.messages:
                 if m.role != "assistant" or m.weight == 0:
                     continue
@@ -158,6 +171,26 @@ class MockBrain:
         if total:
             skill = skill + (1 - skill) * 0.5 * (good / total) * min(1.0, total / 20) - 0.2 * skill * (bad / total)
         return f"mock:{min(max(skill, 0.0), 0.999):.4f}@{job_id}"
+
+    @staticmethod
+    def score(model: ModelRef, response: str, alternatives: int = 4) -> TokenLogprobs:
+        """Simulated teacher-forced log-probabilities (see the module docstring); not a language model."""
+        parse_ref(model)
+
+        def logit(token: str) -> float:
+            digest = hashlib.sha256(f"{model}|{token}".encode()).digest()
+            return 4.0 * int.from_bytes(digest[:4], "big") / 2**32
+
+        tokens = tuple(response.split())
+        logprobs, top = [], []
+        for k, tok in enumerate(tokens):
+            cands = [tok, *(f"<alt{k % 7}-{a}>" for a in range(alternatives))]
+            logits = {c: logit(c) for c in cands}
+            z = math.log(sum(math.exp(v) for v in logits.values()))
+            dist = {c: v - z for c, v in logits.items()}
+            logprobs.append(dist[tok])
+            top.append(dist)
+        return TokenLogprobs(tokens=tokens, logprobs=tuple(logprobs), top=tuple(top))
 
 
 class MockBackend:
@@ -225,7 +258,7 @@ class MockBackend:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         self.calls += 1
-        text = self.brain.reply(model, [m.model_dump() for m in messages], sampling.seed)
+        text = self.brain.reply(model, [m.model_dump() for m in messages], sampling.seed, sampling.temperature)
         fingerprint = hashlib.sha256(
             json.dumps([model, [m.content for m in messages], sampling.model_dump()]).encode()
         ).hexdigest()[:16]
@@ -237,6 +270,10 @@ class MockBackend:
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(text.split())),
             finish_reason="stop",
         )
+
+    async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
+        """Simulated log-probabilities of ``response`` (the prompt does not enter the simulation)."""
+        return self.brain.score(model, response)
 
     async def submit_finetune(
         self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, *, key: str
