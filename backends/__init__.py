@@ -22,6 +22,9 @@ _REGISTRY: dict[str, str] = {
     "llamacpp": "backends.llamacpp:create",
     "local": "backends.local:create",
     "auto": "backends.local:create_auto",
+    "llamacpp": "backends.llamacpp:create",
+    "local": "backends.local:create",
+    "auto": "backends.local:create_auto",
     "openai": "backends.openai:create",
 }
 

@@ -1,0 +1,491 @@
+"""Local LoRA finetuning on CPU with transformers + peft, run as a job queue like a remote API.
+
+Three layers, each usable alone:
+
+- :func:`build_example` — tokens and per-token loss weights of one chat example, rendered with the
+  model's own chat template (the same template llama.cpp uses at inference). Only assistant
+  messages are trained, with their ``weight`` (``None`` = 1, ``0`` = masked); system/user turns
+  and the template's scaffolding before an assistant message are always masked; the assistant's
+  end-of-turn token is trained so the model learns to stop. Pure Python; tests use fakes.
+- :class:`LoraTrainer` — keeps ONE dequantised base model (float32, loaded from the GGUF with
+  ``gguf_file=``) across jobs; per job it injects fresh LoRA modules (or the previous adapter's
+  weights, for continued finetuning), trains, saves the PEFT adapter, converts it to a GGUF LoRA
+  adapter for llama.cpp (:mod:`backends.gguf_lora`) and removes the LoRA modules again.
+- :class:`LocalJobs` — one worker thread, one job at a time; every job lives in
+  ``run_dir/local-jobs/<safe key>/`` (``state.json``, ``examples.jsonl``, ``spec.json``,
+  ``train.log`` with the loss per step, ``peft/``, ``adapter.gguf``). ``submit`` with a key that
+  already has a directory adopts it: a succeeded job is returned as it is (its adapter is reused
+  after a process restart); a failed one stays failed (submit under a new key to retry); a
+  queued or running one whose process is gone restarts training **from scratch** (no mid-job
+  checkpoints: a job is a few minutes of CPU).
+
+Full finetuning (``method = "full"``) is refused: llama.cpp serves LoRA adapters on the one
+quantised base, and a full model would need a 1 GB f16 GGUF export per agent and role.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import random
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentsoc.backend import FatalBackendError
+from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef
+
+HF_PIP = "pip install 'agentsoc[local,hf]'   (torch==2.13.0, transformers, peft, gguf)"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+#: render(messages as dicts, add_generation_prompt) -> text
+Render = Callable[[list[dict[str, str]], bool], str]
+#: tokenize(text) -> (token ids, (start, end) character offsets per token)
+Tokenize = Callable[[str], tuple[list[int], list[tuple[int, int]]]]
+
+
+# --------------------------------------------------------------------------- label masks
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    weights: list[float]  #: loss weight of predicting input_ids[i] (0 = masked)
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for w in self.weights if w > 0)
+
+
+def assistant_spans(messages: Sequence[Message], render: Render) -> tuple[str, list[tuple[int, int, float]]]:
+    """The rendered conversation and the character spans ``(start, end, weight)`` to train on.
+
+    A span covers an assistant message's content and the template's end-of-turn marker, found as
+    the difference between the conversation rendered up to that message and the same prefix
+    rendered with the generation prompt (so the ``<|im_start|>assistant\\n`` header is masked).
+    """
+    dicts = [{"role": m.role, "content": m.content} for m in messages]
+    full = render(dicts, False)
+    spans: list[tuple[int, int, float]] = []
+    for i, m in enumerate(messages):
+        if m.role != "assistant":
+            continue
+        weight = 1.0 if m.weight is None else float(m.weight)
+        if weight <= 0:
+            continue
+        before = render(dicts[:i], True)
+        upto = render(dicts[: i + 1], False)
+        if not (full.startswith(before) and full.startswith(upto) and upto.startswith(before)):
+            raise ValueError(
+                "the chat template does not render conversations prefix-consistently; cannot locate "
+                f"assistant message {i} for the loss mask"
+            )
+        end = len(before) + len(upto[len(before) :].rstrip())
+        spans.append((len(before), end, weight))
+    return full, spans
+
+
+def build_example(messages: Sequence[Message], render: Render, tokenize: Tokenize, max_len: int) -> Encoded:
+    """Token ids and per-token loss weights (weight of the token *as a target*)."""
+    text, spans = assistant_spans(messages, render)
+    ids, offsets = tokenize(text)
+    weights = [0.0] * len(ids)
+    for t, (start, _end) in enumerate(offsets):
+        for s, e, w in spans:
+            if s <= start < e:
+                weights[t] = w
+                break
+    return Encoded(input_ids=ids[:max_len], weights=weights[:max_len])
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainResult:
+    peft_dir: Path
+    steps: int
+    losses: list[float]
+    trained_tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainerOptions:
+    model_path: Path  #: the base GGUF (also what llama.cpp serves)
+    hf_dir: Path | None = None  #: optional transformers folder of the same model (faster load, no dequant)
+    threads: int | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+
+
+class LoraTrainer:
+    """One dequantised base model kept across jobs; LoRA modules swapped per job."""
+
+    def __init__(self, options: TrainerOptions) -> None:
+        self.options = options
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.load_seconds: float | None = None
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise FatalBackendError(f"local finetuning needs torch, transformers and peft. Fix: {HF_PIP}") from exc
+        torch.set_num_threads(self.options.threads or max(1, os.cpu_count() or 1))
+        start = time.perf_counter()
+        if self.options.hf_dir is not None:
+            src: dict[str, Any] = {"pretrained_model_name_or_path": str(self.options.hf_dir)}
+        else:
+            src = {
+                "pretrained_model_name_or_path": str(self.options.model_path.parent),
+                "gguf_file": self.options.model_path.name,
+            }
+        self.tokenizer = AutoTokenizer.from_pretrained(**src)
+        # the template llama.cpp uses is the one inside the GGUF: use exactly that one
+        template = _gguf_chat_template(self.options.model_path)
+        if template is not None:
+            self.tokenizer.chat_template = template
+        self.model = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
+        self.model.config.use_cache = False
+        self.load_seconds = time.perf_counter() - start
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        )
+
+    def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def encode(self, example: ChatExample, max_len: int) -> Encoded:
+        return build_example(example.messages, self.render, self.tokenize, max_len)
+
+    def train(
+        self,
+        examples: Sequence[ChatExample],
+        spec: FinetuneSpec,
+        out_dir: Path,
+        *,
+        init_adapter: Path | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
+    ) -> TrainResult:
+        """Train a LoRA adapter on ``examples``; saves it to ``out_dir/peft`` and returns the result."""
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        self.load()
+        start = time.perf_counter()
+        random.seed(spec.seed)
+        torch.manual_seed(spec.seed)
+        encoded = [e for e in (self.encode(ex, spec.max_seq_len) for ex in examples) if e.n_trained > 0]
+        if not encoded:
+            raise ValueError("no example has a trainable assistant token (all weights 0 or truncated)")
+        if init_adapter is not None:
+            model = PeftModel.from_pretrained(self.model, str(init_adapter), is_trainable=True)
+        else:
+            config = LoraConfig(
+                r=spec.lora_r,
+                lora_alpha=spec.lora_alpha,
+                lora_dropout=spec.lora_dropout,
+                target_modules=list(self.options.lora_targets),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(self.model, config)
+        try:
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            optim = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
+            order_rng = random.Random(spec.seed)
+            batches_per_epoch = (len(encoded) + spec.batch_size - 1) // spec.batch_size
+            total = batches_per_epoch * spec.epochs
+            losses: list[float] = []
+            trained_tokens = 0
+            step = 0
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            for _epoch in range(spec.epochs):
+                order = list(range(len(encoded)))
+                order_rng.shuffle(order)
+                for b in range(batches_per_epoch):
+                    batch = [encoded[i] for i in order[b * spec.batch_size : (b + 1) * spec.batch_size]]
+                    ids, mask, weights = _collate(batch, pad, torch)
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    # position t predicts token t+1; a token's weight applies where it is the target
+                    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+                    target = ids[:, 1:]
+                    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                    w = weights[:, 1:]
+                    loss = (nll * w).sum() / w.sum().clamp_min(1e-8)
+                    optim.zero_grad()
+                    loss.backward()
+                    optim.step()
+                    step += 1
+                    trained_tokens += int((w > 0).sum())
+                    losses.append(float(loss.detach()))
+                    if on_step is not None:
+                        on_step(step, total, losses[-1])
+            peft_dir = out_dir / "peft"
+            model.save_pretrained(str(peft_dir))
+        finally:
+            # take the LoRA modules out again so the next job starts from the clean base
+            self.model = model.unload()
+            self.model.eval()
+        return TrainResult(
+            peft_dir=peft_dir,
+            steps=step,
+            losses=losses,
+            trained_tokens=trained_tokens,
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _collate(batch: Sequence[Encoded], pad: int, torch: Any) -> tuple[Any, Any, Any]:
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    weights = torch.zeros((len(batch), width), dtype=torch.float32)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[row, :n] = 1
+        weights[row, :n] = torch.tensor(e.weights, dtype=torch.float32)
+    return ids, mask, weights
+
+
+def _gguf_chat_template(path: Path) -> str | None:
+    try:
+        import gguf
+    except ImportError:
+        return None
+    reader = gguf.GGUFReader(str(path))
+    f = reader.fields.get("tokenizer.chat_template")
+    if f is None:
+        return None
+    return bytes(f.parts[f.data[0]]).decode("utf-8")
+
+
+# --------------------------------------------------------------------------- job queue
+
+
+def safe_key(key: str) -> str:
+    """A directory name for a job key: readable, and unique thanks to a short hash."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:80] or "job"
+    return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class JobRecord:
+    key: str
+    id: str
+    base: ModelRef
+    state: JobState = JobState.QUEUED
+    result: ModelRef | None = None
+    error: str | None = None
+    progress: float | None = None
+    events: list[str] = field(default_factory=list)
+    trained_tokens: int | None = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    def to_job(self, backend: str) -> Job:
+        return Job(
+            key=self.key,
+            backend=backend,
+            id=self.id,
+            base=self.base,
+            state=self.state,
+            result=self.result,
+            error=self.error,
+            progress=self.progress,
+            events=tuple(self.events[-20:]),
+            trained_tokens=self.trained_tokens,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> JobRecord:
+        known = set(cls.__dataclass_fields__)
+        data = {k: v for k, v in d.items() if k in known}
+        data["state"] = JobState(data.get("state", "queued"))
+        return cls(**data)
+
+
+#: run one job: (job dir, base ref, examples, spec, step callback, event callback) -> result ModelRef
+Runner = Callable[[Path, ModelRef, list[ChatExample], FinetuneSpec, Callable[[int, int, float], None]], ModelRef]
+
+
+class LocalJobs:
+    """Fine-tuning jobs persisted under ``root``, run one at a time by a worker thread."""
+
+    def __init__(self, root: Path, runner: Runner, *, backend_name: str = "local") -> None:
+        self.root = root
+        self.runner = runner
+        self.backend_name = backend_name
+        self._records: dict[str, JobRecord] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._enqueued: set[str] = set()
+
+    def job_dir(self, key: str) -> Path:
+        return self.root / safe_key(key)
+
+    # ---- persistence
+
+    def _save(self, rec: JobRecord) -> None:
+        d = self.job_dir(rec.key)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / "state.json.tmp"
+        tmp.write_text(json.dumps(rec.to_json(), indent=2))
+        tmp.replace(d / "state.json")
+
+    def _load(self, key: str) -> JobRecord | None:
+        path = self.job_dir(key) / "state.json"
+        if not path.is_file():
+            return None
+        return JobRecord.from_json(json.loads(path.read_text()))
+
+    def _event(self, rec: JobRecord, text: str) -> None:
+        rec.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+        del rec.events[:-50]
+
+    # ---- API
+
+    def submit(self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, key: str) -> Job:
+        with self._lock:
+            rec = self._records.get(key) or self._load(key)
+            if rec is not None:
+                self._records[key] = rec
+                if rec.state in (JobState.QUEUED, JobState.RUNNING) and key not in self._enqueued:
+                    # the process that ran it is gone: restart from scratch with the saved inputs
+                    rec.state, rec.progress = JobState.QUEUED, 0.0
+                    self._event(rec, "adopted an unfinished job after a restart; training restarts from scratch")
+                    self._save(rec)
+                    self._enqueue(key)
+                return rec.to_job(self.backend_name)
+            d = self.job_dir(key)
+            d.mkdir(parents=True, exist_ok=True)
+            with (d / "examples.jsonl").open("w") as f:
+                for ex in examples:
+                    f.write(json.dumps(ex.to_openai()) + "\n")
+            (d / "spec.json").write_text(spec.model_dump_json(indent=2))
+            rec = JobRecord(key=key, id=f"local-{d.name}", base=base)
+            self._event(rec, f"queued: {len(examples)} examples")
+            self._records[key] = rec
+            self._save(rec)
+            self._enqueue(key)
+            return rec.to_job(self.backend_name)
+
+    def poll(self, job: Job) -> Job:
+        with self._lock:
+            rec = self._records.get(job.key) or self._load(job.key)
+            if rec is None:
+                raise FatalBackendError(f"no local fine-tuning job with key {job.key!r} under {self.root}")
+            self._records[job.key] = rec
+            return rec.to_job(self.backend_name)
+
+    def _enqueue(self, key: str) -> None:
+        self._enqueued.add(key)
+        self._queue.put(key)
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="agentsoc-local-train", daemon=True)
+            self._worker.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join(timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Block until every queued job has finished (tests, benchmarks)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = bool(self._enqueued)
+            if not busy:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("local fine-tuning jobs still running")
+            time.sleep(0.1)
+
+    # ---- worker
+
+    def _work(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            try:
+                self._run(key)
+            finally:
+                with self._lock:
+                    self._enqueued.discard(key)
+
+    def _run(self, key: str) -> None:
+        d = self.job_dir(key)
+        with self._lock:
+            rec = self._records[key]
+            rec.state, rec.progress = JobState.RUNNING, 0.0
+            self._event(rec, "running")
+            self._save(rec)
+        log = d / "train.log"
+        log.write_text("")
+        started = time.perf_counter()
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            with log.open("a") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "total": total,
+                            "loss": round(loss, 5),
+                            "elapsed_s": round(time.perf_counter() - started, 2),
+                        }
+                    )
+                    + "\n"
+                )
+            with self._lock:
+                rec.progress = step / total
+                self._event(rec, f"step {step}/{total} loss {loss:.4f}")
+                self._save(rec)
+
+        try:
+            examples = [
+                ChatExample(messages=tuple(Message(**m) for m in json.loads(line)["messages"]))
+                for line in (d / "examples.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
+            spec = FinetuneSpec.model_validate_json((d / "spec.json").read_text())
+            result = self.runner(d, rec.base, examples, spec, on_step)
+        except Exception as exc:
+            with self._lock:
+                rec.state, rec.error, rec.finished_at = JobState.FAILED, f"{type(exc).__name__}: {exc}", time.time()
+                self._event(rec, "failed")
+                (d / "error.txt").write_text(traceback.format_exc())
+                self._save(rec)
+            return
+        with self._lock:
+            rec.state, rec.result, rec.progress, rec.finished_at = JobState.SUCCEEDED, result, 1.0, time.time()
+            try:
+                rec.trained_tokens = int(json.loads((d / "result.json").read_text()).get("trained_tokens", 0))
+            except (OSError, ValueError):
+                rec.trained_tokens = None
+            self._event(rec, f"succeeded in {time.perf_counter() - started:.0f} s")
+            self._save(rec)
