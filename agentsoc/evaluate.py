@@ -62,3 +62,43 @@ def evaluate(transcripts: Sequence[Transcript], is_equivalent: Callable[[str, st
         [_right(a.first, t.problem.answer, is_equivalent) for t in transcripts for a in t.agents]
     )
     return out
+
+
+def correctness(transcripts: Sequence[Transcript], is_equivalent: Callable[[str, str], bool]) -> dict[str, bool]:
+    """Per problem id: whether the final vote was right (the input of a paired comparison)."""
+    return {t.problem.id: _right(t.vote.answer, t.problem.answer, is_equivalent) for t in transcripts}
+
+
+class PairedScore(BaseModel):
+    """Accuracy of method A minus method B on the same problems, with the SE of that difference.
+
+    Pairing removes the between-problem variance both methods share: the SE of the mean of the
+    per-problem differences d_i = a_i − b_i, √(var(d)/n) (population variance, as :func:`score`),
+    is much smaller than √(SE_a² + SE_b²) when the two methods get mostly the same problems right.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    diff: float
+    se: float
+    n: int
+    #: problems only A got right / only B got right
+    a_only: int
+    b_only: int
+
+    def __str__(self) -> str:
+        return f"{100 * self.diff:+.2f} ± {100 * self.se:.2f}"
+
+
+def paired(a: dict[str, bool], b: dict[str, bool]) -> PairedScore:
+    """Paired difference A − B over the problems both were evaluated on."""
+    common = sorted(set(a) & set(b))
+    n = len(common)
+    if n == 0:
+        return PairedScore(diff=0.0, se=0.0, n=0, a_only=0, b_only=0)
+    d = [int(a[k]) - int(b[k]) for k in common]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / n
+    return PairedScore(
+        diff=mean, se=math.sqrt(var / n), n=n, a_only=sum(x == 1 for x in d), b_only=sum(x == -1 for x in d)
+    )
