@@ -29,12 +29,15 @@ from typing import Any
 import httpx2
 import openai
 from openai import AsyncOpenAI
+from openai.types import FileObject, Model
 from openai.types.chat import ChatCompletion
+from openai.types.fine_tuning import FineTuningJob
 
 from agentsoc.backend import BackendError, FatalBackendError, TransientBackendError
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, JobState, Message, ModelRef, Sampling, Usage
 from backends.openai_batch import Batcher
 from backends.openai_files import JsonRecord, content_hash, describe, safe_name, training_jsonl, validate
+from backends.openai_files import expect as _expect
 
 #: After this day OpenAI accepts no new fine-tuning jobs from anyone (ecosystem.md finding 1).
 NO_NEW_JOBS_AFTER = dt.date(2027, 1, 6)
@@ -171,9 +174,7 @@ class OpenAIBackend:
                 response = await self.client.chat.completions.create(**body)
             except Exception as e:
                 raise self.map_error(e, "chat.completions.create", model) from None
-            if not isinstance(response, ChatCompletion):  # the SDK hands back a body it could not parse as is
-                raise TransientBackendError(f"openai chat.completions.create for model {model}: malformed response")
-            data = response.model_dump()
+            data = _expect(response, ChatCompletion, "chat.completions.create", model).model_dump()
         try:
             choice = data["choices"][0]
             usage = data.get("usage") or {}
@@ -202,7 +203,7 @@ class OpenAIBackend:
                 + _LOCAL_HINT
             )
         try:
-            model = await self.client.models.retrieve(base)
+            model = _expect(await self.client.models.retrieve(base), Model, "models.retrieve", base)
         except openai.NotFoundError:
             raise FatalBackendError(
                 f"fine-tuning {where}: model {base} does not exist (any more) at this endpoint; it may have been "
@@ -255,7 +256,12 @@ class OpenAIBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         try:
-            uploaded = await self.client.files.create(file=(path.name, data), purpose="fine-tune")
+            uploaded = _expect(
+                await self.client.files.create(file=(path.name, data), purpose="fine-tune"),
+                FileObject,
+                "files.create",
+                base,
+            )
         except Exception as e:
             raise self.map_error(e, "files.create", base) from None
         uploads[key] = {"sha256": digest, "file_id": uploaded.id, "path": path.name}
@@ -304,7 +310,9 @@ class OpenAIBackend:
             raise self.map_error(e, "fine_tuning.jobs.create", base) from None
         except Exception as e:
             raise self.map_error(e, "fine_tuning.jobs.create", base) from None
-        return await self._to_job(key, base, created, events=False)
+        return await self._to_job(
+            key, base, _expect(created, FineTuningJob, "fine_tuning.jobs.create", base), events=False
+        )
 
     @staticmethod
     def _suffix(spec: FinetuneSpec) -> str:
@@ -318,7 +326,12 @@ class OpenAIBackend:
 
     async def poll_finetune(self, job: Job) -> Job:
         try:
-            remote = await self.client.fine_tuning.jobs.retrieve(job.id)
+            remote = _expect(
+                await self.client.fine_tuning.jobs.retrieve(job.id),
+                FineTuningJob,
+                "fine_tuning.jobs.retrieve",
+                job.base,
+            )
         except Exception as e:
             raise self.map_error(e, f"fine_tuning.jobs.retrieve {job.id}", job.base) from None
         return await self._to_job(job.key, job.base, remote, events=True)

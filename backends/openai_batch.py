@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from openai import AsyncOpenAI
+from openai.types import Batch, FileObject
 
 from agentsoc.backend import BackendError, FatalBackendError, TransientBackendError
-from backends.openai_files import JsonRecord
+from backends.openai_files import JsonRecord, expect
 
 #: (exception, call name, model) -> the backend error to raise
 ErrorMapper = Callable[[Exception, str, str], BackendError]
@@ -116,13 +117,19 @@ class Batcher:
         model = next(iter(pending.values()))[0]["model"]
         data = ("\n".join(lines) + "\n").encode()
         try:
-            uploaded = await self._client.files.create(file=("batch.jsonl", data), purpose="batch")
-            batch = await self._client.batches.create(
+            uploaded = expect(
+                await self._client.files.create(file=("batch.jsonl", data), purpose="batch"),
+                FileObject,
+                "files.create",
+                model,
+            )
+            created = await self._client.batches.create(
                 input_file_id=uploaded.id,
                 endpoint="/v1/chat/completions",
                 completion_window="24h",
                 metadata={"agentsoc": "debate", "requests": str(len(lines))},
             )
+            batch = expect(created, Batch, "batches.create", model)
         except Exception as e:
             raise self._map_error(e, "batches.create", model) from None
         state = self._record.load()
@@ -143,7 +150,7 @@ class Batcher:
     async def _poll(self, batch_id: str) -> dict[str, dict[str, Any]]:
         try:
             while True:
-                batch = await self._client.batches.retrieve(batch_id)
+                batch = expect(await self._client.batches.retrieve(batch_id), Batch, "batches.retrieve", "batch")
                 if batch.status in _TERMINAL:
                     break
                 await asyncio.sleep(self._poll_s)

@@ -12,10 +12,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from agentsoc.backend import FatalBackendError
+from agentsoc.backend import FatalBackendError, TransientBackendError
 from agentsoc.types import ChatExample, ModelRef
+
+T = TypeVar("T")
 
 #: OpenAI's documented minimum number of training examples per job.
 MIN_EXAMPLES = 10
@@ -131,3 +133,11 @@ def content_hash(data: bytes) -> str:
 def safe_name(key: str) -> str:
     """A file name for ``key`` (``run/fp/iter-1/agent-0/generator`` → ``run_fp_iter-1_agent-0_generator``)."""
     return "".join(c if c.isalnum() or c in "-." else "_" for c in key)[:150]
+
+
+def expect(obj: object, cls: type[T], call: str, model: str) -> T:
+    """``obj`` if the SDK parsed the body into ``cls``; a body it could not parse (truncated JSON)
+    comes back as something else and is a transient failure."""
+    if not isinstance(obj, cls):
+        raise TransientBackendError(f"openai {call} for model {model}: malformed response")
+    return obj

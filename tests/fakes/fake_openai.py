@@ -15,6 +15,7 @@ connection. A dropped or malformed response to a POST is sent *after* the server
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import threading
@@ -52,6 +53,8 @@ class FakeState:
     fault_rate: float = 0.0
     fault_kinds: tuple[str, ...] = FAULTS
     fault_seed: int = 0
+    #: inject faults only into requests whose "METHOD /path" starts with this (None: every request)
+    fault_only: str | None = None
     slow_s: float = 1.0
     latency_s: float = 0.0
     #: retrieves a job needs to go validating_files → queued → running → … → succeeded
@@ -136,7 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         with st.lock:
             st.seen_auth.add(auth)
-            fault = st.draw_fault()
+            targeted = st.fault_only is None or f"{method} {url.path}".startswith(st.fault_only)
+            fault = st.draw_fault() if targeted else None
         if auth != f"Bearer {st.api_key}":
             # like OpenAI, the message quotes the key it was given (here in full: worst case for leaks)
             self._error(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}", "invalid_api_key")
@@ -303,7 +307,12 @@ class _Handler(BaseHTTPRequestHandler):
             for line in f["bytes"].decode().splitlines()
             if line.strip()
         ]
-        jid = st.new_id("ftjob")
+        # the id (and so the fine-tuned model's name and behaviour) depends on what was trained, not on
+        # how many requests came before: a run with injected faults must reproduce a clean run
+        digest = hashlib.sha256(f"{req['model']}|{req.get('suffix')}|".encode() + f["bytes"]).hexdigest()[:12]
+        jid = f"ftjob-{digest}"
+        while jid in st.jobs:
+            jid += "x"
         metadata = req.get("metadata") or {}
         st.jobs_created[(metadata.get("iteration", ""), metadata.get("agent", ""), metadata.get("role", ""))] += 1
         base_name = req["model"].split(":")[1] if req["model"].startswith("ft:") else req["model"]
