@@ -351,7 +351,7 @@ class LocalJobs:
     def _save(self, rec: JobRecord) -> None:
         d = self.job_dir(rec.key)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "state.json.tmp"
+        tmp = d / f"state.json.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(rec.to_json(), indent=2))
         tmp.replace(d / "state.json")
 

