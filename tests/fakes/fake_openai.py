@@ -449,6 +449,8 @@ def _public(obj: dict[str, Any]) -> dict[str, Any]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    #: the listen backlog; the default of 5 resets connections when a debate opens dozens at once
+    request_queue_size = 256
     state: FakeState
 
 
