@@ -1,4 +1,4 @@
-"""``agentsoc run | jobs`` — the command line.
+"""``agentsoc run | jobs | report | compare`` — the command line.
 
 Errors a user can fix (a recipe field, a data line, a backend name, a busy run directory) print one
 line on stderr and exit 2; a failure while running (a refused job, an exhausted retry) exits 1;
@@ -103,6 +103,33 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from agentsoc.report import render
+
+    path = render(Path(args.run_dir), plots=not args.no_plots)
+    print(path)
+    return 0
+
+
+async def _compare(args: argparse.Namespace) -> int:
+    from agentsoc.baselines import compare, resolve
+    from agentsoc.config import load_recipe
+    from agentsoc.report import render
+
+    recipe = load_recipe(args.recipe)
+    methods = resolve([m.strip() for m in args.methods.split(",") if m.strip()])
+    out = args.out or Path("runs") / f"{recipe.name}-compare"
+    results = await compare(recipe, methods, out, reference=args.reference, progress=not args.quiet)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
+    else:
+        rows = [["method", "task", "accuracy ± SE", f"paired Δ vs {args.reference}"]]
+        rows += [[r.label, r.task, str(r.score), str(r.vs_reference or "-")] for r in results]
+        print(_table(rows))
+    print(f"report: {render(out, plots=not args.no_plots)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentsoc", description="Multiagent finetuning of language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,6 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("run_dir")
     jobs.add_argument("--json", action="store_true")
     jobs.set_defaults(handler=_jobs)
+
+    report = sub.add_parser("report", help="write report.md and plots/ for a run directory or a compare folder")
+    report.add_argument("run_dir", help="a run directory, or the --out folder of 'agentsoc compare'")
+    report.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    report.set_defaults(handler=_report)
+
+    from agentsoc.baselines import METHODS
+
+    cmp = sub.add_parser(
+        "compare",
+        help="run several methods (baselines, ablations) on the same problems and write one report",
+        epilog="methods: " + ", ".join(METHODS),
+    )
+    cmp.add_argument("recipe", help="path of a TOML recipe (the 'ours' method)")
+    cmp.add_argument("--methods", default="ours,base,majority,debate", help="comma-separated method names (see below)")
+    cmp.add_argument("--out", type=Path, default=None, help="folder of the method runs (default runs/<name>-compare)")
+    cmp.add_argument("--reference", default="ours", help="method the paired differences are taken against")
+    cmp.add_argument("--json", action="store_true", help="print results as JSON")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    cmp.set_defaults(handler=_compare)
     return p
 
 

@@ -1,0 +1,495 @@
+"""Markdown tables and matplotlib plots from a run directory or a ``compare`` folder.
+
+``render(path)`` writes ``report.md`` and ``plots/*.png`` next to the data and returns the report
+path. A run directory gives per-iteration tables (final vote, vote per round = Majority at round
+0, single agent; diversity; dataset sizes; token usage); a compare folder (``compare.json`` plus
+one run directory per method) adds a Table-1-style table, method × task, best in bold, and plots
+that put the methods side by side: accuracy over iterations (paper Fig. 1), diversity over
+iterations (Fig. 3) and accuracy against diversity (Fig. 4). Nothing here calls a model.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentsoc.store import RunStore
+
+MOCK_BANNER = "> **MOCK BACKEND — simulated agents; numbers say nothing about language models.**"
+
+#: diversity metrics in the order they are tabulated and plotted: (key, label, higher = more diverse)
+DIVERSITY = (
+    ("answer_diversity", "answer diversity (1 − consensus)"),
+    ("embedding_dissimilarity", "embedding dissimilarity"),
+    ("likelihood_nll", "likelihood (NLL of others' responses)"),
+    ("kl", "KL between agents"),
+)
+
+
+class ReportError(ValueError):
+    """The folder is not a run or compare directory, or plotting is impossible."""
+
+
+@dataclass
+class RunSummary:
+    """What the report needs from one run directory."""
+
+    name: str
+    label: str
+    run_dir: Path
+    recipe: dict[str, Any]
+    metrics: dict[int, dict[str, Any]]
+    datasets: list[dict[str, Any]] = field(default_factory=list)
+    usage: list[dict[str, Any]] = field(default_factory=list)
+    jobs: int = 0
+    vs_reference: dict[str, Any] | None = None
+
+    @property
+    def task(self) -> str:
+        ev = self.recipe.get("evaluation", {}).get("task")
+        return str((ev or self.recipe["task"])["name"])
+
+    @property
+    def backend(self) -> str:
+        return str(self.recipe.get("backend", {}).get("name", "?"))
+
+    @property
+    def iterations(self) -> list[int]:
+        return sorted(i for i, m in self.metrics.items() if "debate" in m)
+
+    def final(self) -> dict[str, Any] | None:
+        its = self.iterations
+        return self.metrics[its[-1]].get("debate") if its else None
+
+    def diversity(self, iteration: int, key: str) -> float | None:
+        value = self.metrics.get(iteration, {}).get("diversity", {}).get(key)
+        return None if value is None else float(value)
+
+
+def load_run(run_dir: Path, name: str | None = None, label: str | None = None) -> RunSummary:
+    if not (run_dir / "run.sqlite").exists():
+        raise ReportError(f"{run_dir}: not an agentsoc run directory (no run.sqlite)")
+    recipe = tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))
+    store = RunStore.open(run_dir)
+    try:
+        return RunSummary(
+            name=name or str(recipe.get("name", run_dir.name)),
+            label=label or str(recipe.get("name", run_dir.name)),
+            run_dir=run_dir,
+            recipe=recipe,
+            metrics=store.metrics(),
+            datasets=store.datasets(),
+            usage=store.usage(),
+            jobs=len(store.jobs()),
+        )
+    finally:
+        store.close()
+
+
+def load_compare(out_dir: Path) -> tuple[list[RunSummary], dict[str, Any]]:
+    meta = json.loads((out_dir / "compare.json").read_text(encoding="utf-8"))
+    runs = []
+    for m in meta["methods"]:
+        run = load_run(out_dir / m["run_dir"], m["method"], m["label"])
+        run.vs_reference = m.get("vs_reference")
+        runs.append(run)
+    return runs, meta
+
+
+# -- tables ---------------------------------------------------------------------------------------
+def fmt(score: dict[str, Any] | None) -> str:
+    if not score:
+        return "–"
+    return f"{100 * score['accuracy']:.2f} ± {100 * score['se']:.2f}"
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def table1(runs: Sequence[RunSummary], reference: str | None = None) -> str:
+    """Method × task: accuracy ± SE of the final vote after each method's last iteration; the best
+    of each column in bold; with a reference, the paired difference to it on the same problems."""
+    tasks = list(dict.fromkeys(r.task for r in runs))
+    best = {}
+    for t in tasks:
+        accs = [f["accuracy"] for r in runs if r.task == t and (f := r.final())]
+        best[t] = max(accs) if accs else None
+    header = ["Method", *tasks, "iterations", "agents × rounds (eval)"]
+    if reference and len(tasks) == 1:
+        header.append(f"Δ vs {reference} (paired)")
+    rows = []
+    for r in runs:
+        cells = []
+        for t in tasks:
+            f = r.final() if r.task == t else None
+            cell = fmt(f)
+            if f and best[t] is not None and abs(f["accuracy"] - best[t]) < 1e-12:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        soc, ev = r.recipe["society"], r.recipe.get("evaluation", {})
+        shape = f"{ev.get('agents') or soc.get('agents', 3)} × {ev.get('rounds') or soc.get('rounds', 2)}"
+        row = [r.label, *cells, str(r.iterations[-1] if r.iterations else 0), shape]
+        if reference and len(tasks) == 1:
+            vs = r.vs_reference
+            row.append(
+                "–" if not vs else f"{100 * vs['diff']:+.2f} ± {100 * vs['se']:.2f} (+{vs['a_only']}/−{vs['b_only']})"
+            )
+        rows.append(row)
+    return md_table(header, rows)
+
+
+def iteration_table(run: RunSummary) -> str:
+    its = run.iterations
+    rounds = sorted({k for i in its for k in run.metrics[i] if k.startswith("round_")}, key=lambda k: int(k[6:]))
+    header = ["iter", "debate (final vote)", *[f"vote {k.replace('_', ' ')}" for k in rounds], "single agent"]
+    header += [label for _, label in DIVERSITY]
+    rows = []
+    for i in its:
+        m = run.metrics[i]
+        row = [str(i), fmt(m.get("debate")), *[fmt(m.get(k)) for k in rounds], fmt(m.get("agent_round_0"))]
+        row += [_num(run.diversity(i, key)) for key, _ in DIVERSITY]
+        rows.append(row)
+    return md_table(header, rows)
+
+
+def dataset_table(run: RunSummary) -> str:
+    if not run.datasets:
+        return "_no finetuning data (no finetuning iterations)_"
+    by: dict[tuple[int, str], list[int]] = {}
+    for d in run.datasets:
+        by.setdefault((d["iteration"], d["role"]), []).append(d["size"])
+    its = sorted({i for i, _ in by})
+    rows = []
+    for i in its:
+        gen, cri = by.get((i, "generator"), []), by.get((i, "critic"), [])
+        label = run.metrics.get(i, {}).get("label_accuracy")
+        rows.append(
+            [
+                str(i),
+                " / ".join(map(str, gen)) or "–",
+                " / ".join(map(str, cri)) or "–",
+                fmt(label),
+                str(run.metrics.get(i, {}).get("rationalized", "–")),
+            ]
+        )
+    header = ["iter", "generator examples per agent", "critic examples per agent", "vote = truth on train"]
+    header.append("STaR rationalized")
+    return md_table(header, rows)
+
+
+def usage_table(run: RunSummary) -> str:
+    if not run.usage:
+        return "_no usage recorded_"
+    by: dict[str, list[int]] = {}
+    for u in run.usage:
+        s = by.setdefault(u["stage"], [0, 0, 0])
+        s[0] += u["calls"]
+        s[1] += u["prompt_tokens"]
+        s[2] += u["completion_tokens"]
+    rows = [[stage, str(c), str(p), str(ct)] for stage, (c, p, ct) in sorted(by.items())]
+    total = [sum(v[k] for v in by.values()) for k in range(3)]
+    rows.append(["**total**", *(f"**{t}**" for t in total)])
+    return md_table(["stage", "calls", "prompt tokens", "completion tokens"], rows)
+
+
+def _notes(runs: Sequence[RunSummary]) -> list[str]:
+    notes: list[str] = []
+    embedders = {
+        str(m["diversity"]["embedder"])
+        for r in runs
+        for m in r.metrics.values()
+        if isinstance(m.get("diversity"), dict) and m["diversity"].get("embedder")
+    }
+    if embedders:
+        notes.append(f"Embedding dissimilarity computed with: {', '.join(sorted(embedders))}.")
+    seen = {n for r in runs for m in r.metrics.values() for n in (m.get("diversity") or {}).get("notes", [])}
+    notes += sorted(seen)
+    if any(r.name.startswith("cooperative") for r in runs):
+        from agentsoc.baselines import COOPERATIVE_NOTE
+
+        notes.append(COOPERATIVE_NOTE)
+    return notes
+
+
+# -- plots ----------------------------------------------------------------------------------------
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ReportError(
+            "plots need matplotlib: pip install 'agentsoc[plot]' (or ask for the report without plots)"
+        ) from e
+    return plt
+
+
+_MARKERS = "osD^v<>pPX*h"
+_DASHES = ("--", ":", "-.", (0, (5, 2, 1, 2)))
+
+
+def _style(k: int) -> dict[str, Any]:
+    """Distinct colour and marker per series (tab20 has enough colours for every method)."""
+    from matplotlib import colormaps
+
+    return {"color": colormaps["tab20"](k % 20), "marker": _MARKERS[k % len(_MARKERS)]}
+
+
+def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def plot_accuracy(runs: Sequence[RunSummary], path: Path) -> Path:
+    """Fig. 1 style: accuracy over finetuning iterations with SE error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+    if len(runs) == 1:
+        run = runs[0]
+        its = run.iterations
+        keys = ["debate", *sorted({k for i in its for k in run.metrics[i] if k.startswith("round_")}), "agent_round_0"]
+        names = {"debate": "final vote (debate)", "round_0": "vote round 0 (Majority)", "agent_round_0": "single agent"}
+        for n, k in enumerate(dict.fromkeys(keys)):
+            pts = [(i, run.metrics[i][k]) for i in its if k in run.metrics[i]]
+            ax.errorbar(
+                [i + 0.02 * n for i, _ in pts],
+                [100 * s["accuracy"] for _, s in pts],
+                yerr=[100 * s["se"] for _, s in pts],
+                capsize=3,
+                **_style(2 * n),
+                label=names.get(k, "vote " + k.replace("_", " ")),
+            )
+    else:
+        flat = [r for r in runs if len(r.iterations) <= 1]
+        max_it = max((r.iterations[-1] for r in runs if r.iterations), default=0)
+        curves = [r for r in runs if len(r.iterations) > 1]
+        for n, r in enumerate(curves):
+            pts = [(i, r.metrics[i]["debate"]) for i in r.iterations]
+            # a small sideways offset per method keeps overlapping curves and error bars visible
+            dx = 0.025 * (n - (len(curves) - 1) / 2)
+            ax.errorbar(
+                [i + dx for i, _ in pts],
+                [100 * s["accuracy"] for _, s in pts],
+                yerr=[100 * s["se"] for _, s in pts],
+                capsize=3,
+                label=r.label,
+                **_style(n),
+            )
+        for n, r in enumerate(flat):
+            f = r.final()
+            if f:
+                ax.axhline(
+                    100 * f["accuracy"],
+                    linestyle=_DASHES[n % len(_DASHES)],
+                    linewidth=1.2,
+                    color=_style(len(curves) + n)["color"],
+                    label=f"{r.label} (no finetuning)",
+                )
+        ax.set_xlim(-0.2, max_it + 0.2)
+    ax.set_xticks(sorted({i for r in runs for i in r.iterations}))
+    _finish(
+        fig,
+        ax,
+        path,
+        f"Held-out accuracy over finetuning iterations ({runs[0].task})",
+        "finetuning iteration",
+        "accuracy (%) ± SE",
+    )
+    plt.close(fig)
+    return path
+
+
+def _diverse_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
+    return [
+        r
+        for r in runs
+        if any(r.diversity(i, key) is not None for i in r.iterations for key, _ in DIVERSITY[1:])
+        and (len(r.iterations) > 1 or len(runs) == 1)
+    ]
+
+
+def plot_diversity(runs: Sequence[RunSummary], path: Path) -> Path | None:
+    """Fig. 3 style: each diversity metric over finetuning iterations, one line per method."""
+    chosen = _diverse_runs(runs)
+    if not chosen:
+        return None
+    plt = _pyplot()
+    metrics = [
+        (k, lab) for k, lab in DIVERSITY if any(r.diversity(i, k) is not None for r in chosen for i in r.iterations)
+    ]
+    cols = min(2, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows + 0.8), squeeze=False)
+    flat_axes = [ax for row in axes for ax in row]
+    for ax in flat_axes[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, (key, label) in zip(flat_axes, metrics, strict=False):
+        for n, r in enumerate(chosen):
+            pts = [(i, v) for i in r.iterations if (v := r.diversity(i, key)) is not None]
+            ax.plot([i for i, _ in pts], [v for _, v in pts], label=r.label, **_style(n))
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("finetuning iteration")
+        ax.set_ylabel("higher = more diverse")
+        ax.set_xticks(sorted({i for r in chosen for i in r.iterations}))
+        ax.grid(alpha=0.3)
+    handles, labels = flat_axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.suptitle("Diversity of the agents over finetuning iterations")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_diversity(runs: Sequence[RunSummary], path: Path) -> Path | None:
+    """Fig. 4 style: accuracy against embedding dissimilarity, one point per iteration."""
+    chosen = [r for r in _diverse_runs(runs) if any(r.diversity(i, "embedding_dissimilarity") for i in r.iterations)]
+    if not chosen:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for n, r in enumerate(chosen):
+        pts = [
+            (v, 100 * r.metrics[i]["debate"]["accuracy"], i)
+            for i in r.iterations
+            if (v := r.diversity(i, "embedding_dissimilarity")) is not None
+        ]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label, **_style(n))
+        for x, y, i in pts:
+            ax.annotate(f"it {i}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    _finish(
+        fig,
+        ax,
+        path,
+        "Accuracy vs diversity over finetuning iterations",
+        "embedding dissimilarity (round 0)",
+        "accuracy (%)",
+    )
+    plt.close(fig)
+    return path
+
+
+def make_plots(runs: Sequence[RunSummary], folder: Path) -> list[Path]:
+    out = [plot_accuracy(runs, folder / "accuracy_over_iterations.png")]
+    for p in (
+        plot_diversity(runs, folder / "diversity_over_iterations.png"),
+        plot_accuracy_vs_diversity(runs, folder / "accuracy_vs_diversity.png"),
+    ):
+        if p is not None:
+            out.append(p)
+    return out
+
+
+# -- the documents --------------------------------------------------------------------------------
+def _run_sections(run: RunSummary, level: str = "##") -> list[str]:
+    return [
+        f"{level} Per iteration — {run.label}",
+        "",
+        "Accuracy (%) ± SE on the held-out problems. *vote round 0* is the Majority of the current agents;"
+        " *single agent* is the mean accuracy of single round-0 answers.",
+        "",
+        iteration_table(run),
+        "",
+        f"{level}# Training data — {run.label}",
+        "",
+        dataset_table(run),
+        "",
+        f"{level}# Token usage — {run.label} ({run.jobs} finetuning jobs)",
+        "",
+        usage_table(run),
+        "",
+    ]
+
+
+def _header(runs: Sequence[RunSummary], title: str) -> list[str]:
+    lines = [f"# {title}", ""]
+    if any(r.backend == "mock" for r in runs):
+        lines += [MOCK_BANNER, ""]
+    return lines
+
+
+def _plot_links(plots: Sequence[Path], base: Path) -> list[str]:
+    out = ["## Plots", ""]
+    for p in plots:
+        rel = p.relative_to(base).as_posix()
+        out += [f"![{p.stem.replace('_', ' ')}]({rel})", ""]
+    return out
+
+
+def render_run(run_dir: Path, *, plots: bool = True) -> Path:
+    run = load_run(run_dir)
+    lines = _header([run], f"Report — {run.name}")
+    lines += [
+        f"Task: **{run.task}** · backend: **{run.backend}** · agents × rounds: "
+        f"{run.recipe['society'].get('agents')} × {run.recipe['society'].get('rounds')}",
+        "",
+    ]
+    lines += _run_sections(run)
+    notes = _notes([run])
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    if plots:
+        lines += _plot_links(make_plots([run], run_dir / "plots"), run_dir)
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def render_compare(out_dir: Path, *, plots: bool = True) -> Path:
+    runs, meta = load_compare(out_dir)
+    reference = meta.get("reference")
+    lines = _header(runs, f"Comparison — {meta.get('recipe', out_dir.name)}")
+    lines += [
+        "Accuracy (%) ± standard error (√(p(1−p)/n)) of the majority-voted final answer on the same fixed,"
+        " seeded held-out problems, after each method's last finetuning iteration; unparsable answers count"
+        " as wrong. Best per task in **bold**. The paired Δ is the per-problem difference to"
+        f" `{reference}` with its SE (+problems only this method solved / −only the reference solved).",
+        "",
+        table1(runs, reference if any(r.name == reference for r in runs) else None),
+        "",
+    ]
+    multi = [r for r in runs if len(r.iterations) > 1]
+    if multi:
+        lines += ["## Accuracy and diversity per iteration", ""]
+        for r in multi:
+            lines += [f"### {r.label}", "", iteration_table(r), ""]
+        lines += ["## Training data and token usage", ""]
+        for r in multi:
+            lines += [f"### {r.label}", "", dataset_table(r), "", usage_table(r), ""]
+    notes = _notes(runs)
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    if plots:
+        lines += _plot_links(make_plots(runs, out_dir / "plots"), out_dir)
+    lines += ["Run directories: " + ", ".join(f"`{r.run_dir.name}/`" for r in runs), ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def render(path: Path, *, plots: bool = True) -> Path:
+    """The report of a compare folder (has ``compare.json``) or of a run directory."""
+    if (path / "compare.json").exists():
+        return render_compare(path, plots=plots)
+    if (path / "run.sqlite").exists():
+        return render_run(path, plots=plots)
+    raise ReportError(f"{path}: neither a run directory (run.sqlite) nor a compare folder (compare.json)")
