@@ -145,8 +145,9 @@ class OpenAIBackend:
             return TransientBackendError(self.scrub(f"openai {call} for model {model}: timed out"))
         if isinstance(e, openai.APIConnectionError | httpx2.TransportError):
             return TransientBackendError(self.scrub(f"openai {call} for model {model}: connection failed: {e}"))
-        if isinstance(e, openai.APIResponseValidationError | ValueError | KeyError | TypeError):
-            # a truncated or malformed body: the same request will most likely get a good one
+        if isinstance(e, openai.APIResponseValidationError | ValueError | KeyError | TypeError | AttributeError):
+            # a truncated or malformed body (the SDK fails while building its objects from it, e.g. a
+            # page from a string): the same request will most likely get a good one
             return TransientBackendError(self.scrub(f"openai {call} for model {model}: malformed response: {e}"))
         return FatalBackendError(self.scrub(f"openai {call} for model {model}: {type(e).__name__}: {e}"))
 
