@@ -140,6 +140,10 @@ class OpenAIBackend:
             text = self.scrub(f"openai {call} for model {model}: HTTP {status}: {_api_message(e)}")
             if status in (408, 409, 429) or status >= 500:
                 return TransientBackendError(text, retry_after=_retry_after(e.response.headers))
+            if status == 404:
+                text += (
+                    f" (a model that was shut down answers 404 — e.g. gpt-3.5-turbo-0125 on 2026-10-23; {_LOCAL_HINT})"
+                )
             return FatalBackendError(text)
         if isinstance(e, openai.APITimeoutError):
             return TransientBackendError(self.scrub(f"openai {call} for model {model}: timed out"))

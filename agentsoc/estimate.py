@@ -1,0 +1,231 @@
+"""The dry run: what a recipe will cost before it spends anything.
+
+Counts follow the loop exactly (DESIGN §1): the base society is evaluated once, then each of the
+L iterations debates the training problems, finetunes one job per agent and role, and evaluates
+again. Each debate of one problem makes N round-0 calls and, per later round, N summaries (with
+summarization) and N critic calls. Token counts are estimates: prompt lengths come from the task's
+prompt templates filled with the real problems when the data is at hand (a typical problem length
+otherwise), and each answer is taken as the task's typical answer length capped by
+``sampling.max_tokens``. Training tokens assume every problem yields an example — an upper bound,
+since the vote discards problems without a majority. Dollars come from :mod:`agentsoc.pricing`;
+a model without a price shows "unknown".
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+from agentsoc.config import Recipe
+from agentsoc.pricing import PRICES_NOTE, format_usd, training_cost, usage_cost
+from agentsoc.prompts import PromptSet, fill
+from agentsoc.types import ModelRef, Usage
+
+#: Typical answer length in tokens per task (the paper's models explain their reasoning).
+TYPICAL_ANSWER_TOKENS = {"arithmetic": 80, "gsm8k": 220, "math": 400, "mmlu": 180}
+#: Typical problem length in characters, used when the data files are not at hand.
+TYPICAL_PROBLEM_CHARS = {"arithmetic": 20, "gsm8k": 240, "math": 200, "mmlu": 450}
+#: A summary of the other agents' answers, in tokens.
+SUMMARY_TOKENS = 150
+#: Assumed seconds per hosted chat call, for the wall-time line.
+SECONDS_PER_CALL = 3.0
+
+
+def _tokens(text: str) -> int:
+    return len(text) // 4 + 4
+
+
+@dataclass
+class Stage:
+    """One row of the table: a debate phase or an iteration's fine-tuning."""
+
+    name: str
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    jobs: int = 0
+    trained_tokens: int = 0
+    dollars: float | None = 0.0
+
+    def add_cost(self, amount: float | None) -> None:
+        self.dollars = None if amount is None or self.dollars is None else self.dollars + amount
+
+
+@dataclass(frozen=True)
+class _DebateShape:
+    """Token counts of one problem's debate, per call kind."""
+
+    round0_prompt: int
+    answer: int
+    summary_prompt: int
+    summary: int
+    debate_prompt: int  # the new user message of a later round (summary or the others' answers)
+
+    def critic_conversation(self, round_: int) -> int:
+        """Prompt tokens of an agent's call in ``round_`` ≥ 1: its whole conversation so far."""
+        return self.round0_prompt + round_ * (self.answer + self.debate_prompt)
+
+
+def _prompts_and_problem_chars(recipe: Recipe) -> tuple[PromptSet, float, str]:
+    """The prompt set and mean problem length, from the real data when it can be loaded."""
+    from agentsoc import tasks
+
+    name = recipe.task.name
+    try:
+        task = tasks.create(name, recipe.task.options, base_dir=recipe.base_dir)
+        split = task.load(recipe.task.n_train, recipe.task.n_test, recipe.seed)
+        problems = [*split.train, *split.test]
+        chars = sum(len(p.question) for p in problems) / max(len(problems), 1)
+        return task.prompts.model_copy(update=recipe.prompts), chars, "problem lengths from the data"
+    except (ValueError, OSError):
+        preset: PromptSet = importlib.import_module(f"agentsoc.tasks.{name}").PRESET
+        chars = TYPICAL_PROBLEM_CHARS.get(name, 300)
+        return preset.model_copy(update=recipe.prompts), chars, f"data not found: typical {chars}-character problems"
+
+
+def _shape(recipe: Recipe, prompts: PromptSet, problem_chars: float) -> _DebateShape:
+    question = "x" * int(problem_chars)
+    answer = min(TYPICAL_ANSWER_TOKENS.get(recipe.task.name, 250), recipe.sampling.max_tokens)
+    summary = min(SUMMARY_TOKENS, recipe.sampling.max_tokens)
+    others = recipe.society.agents - 1
+    fields = {"question": question, "a": "x" * 20, "b": "x" * 20, "c": "x" * 20, "d": "x" * 20}
+    block_answer = {**fields, "other_response": "x" * (answer * 4)}
+    summary_request = (
+        fill(prompts.summarizer_prefix, fields)
+        + fill(prompts.summarizer_block, block_answer) * others
+        + fill(prompts.summarizer_suffix, fields)
+    )
+    if recipe.society.summarize and others > 0:
+        message = fill(prompts.summary_message, {**fields, "summary": "x" * (summary * 4)})
+    elif others > 0:
+        message = (
+            fill(prompts.debate_prefix, fields)
+            + fill(prompts.debate_block, block_answer) * others
+            + fill(prompts.debate_suffix, fields)
+        )
+    else:
+        message = fill(prompts.self_only, fields)
+    return _DebateShape(
+        round0_prompt=_tokens(fill(prompts.round0, fields)),
+        answer=answer,
+        summary_prompt=_tokens(summary_request),
+        summary=summary,
+        debate_prompt=_tokens(message),
+    )
+
+
+def _debate(stage: Stage, recipe: Recipe, shape: _DebateShape, problems: int, agent_model: ModelRef) -> None:
+    """Add the calls, tokens and dollars of debating ``problems`` to ``stage``."""
+    s = recipe.society
+    batch = bool(recipe.backend.options.get("batch", False))
+    summarizer = s.summarizer or s.base_models()[0]
+    agent_usage = Usage(prompt_tokens=shape.round0_prompt, completion_tokens=shape.answer)
+    summary_usage = Usage()
+    for round_ in range(1, s.rounds):
+        agent_usage += Usage(prompt_tokens=shape.critic_conversation(round_), completion_tokens=shape.answer)
+        if s.summarize and s.agents > 1:
+            summary_usage += Usage(prompt_tokens=shape.summary_prompt, completion_tokens=shape.summary)
+    calls_per_problem = s.agents * s.rounds + (s.agents * (s.rounds - 1) if s.summarize and s.agents > 1 else 0)
+    per_agents = Usage(
+        prompt_tokens=agent_usage.prompt_tokens * s.agents * problems,
+        completion_tokens=agent_usage.completion_tokens * s.agents * problems,
+    )
+    per_summaries = Usage(
+        prompt_tokens=summary_usage.prompt_tokens * s.agents * problems,
+        completion_tokens=summary_usage.completion_tokens * s.agents * problems,
+    )
+    stage.calls += calls_per_problem * problems
+    stage.prompt_tokens += per_agents.prompt_tokens + per_summaries.prompt_tokens
+    stage.completion_tokens += per_agents.completion_tokens + per_summaries.completion_tokens
+    stage.add_cost(usage_cost(agent_model, per_agents, batch=batch))
+    stage.add_cost(usage_cost(summarizer, per_summaries, batch=batch))
+
+
+def _finetune(stage: Stage, recipe: Recipe, shape: _DebateShape) -> None:
+    """One job per agent and role; generator examples are round 0, critic examples the whole debate."""
+    s, f = recipe.society, recipe.finetune
+    roles = ("generator", "critic") if s.critic else ("generator",)
+    agents = 1 if f.single_agent else s.agents
+    pool = s.agents if f.single_agent else 1  # a single-agent job trains on every agent's examples
+    n = recipe.task.n_train * pool
+    per_role = {
+        "generator": n * (shape.round0_prompt + shape.answer),
+        "critic": n * (shape.critic_conversation(s.rounds - 1) + shape.answer),
+    }
+    base = s.base_models()[0]
+    for role in roles:
+        tokens = per_role[role] * f.spec.epochs * agents
+        stage.jobs += agents
+        stage.trained_tokens += tokens
+        stage.add_cost(training_cost(base, tokens))
+
+
+def estimate(recipe: Recipe) -> tuple[list[Stage], str]:
+    """Rows per stage, and a note on where the problem lengths came from."""
+    prompts, chars, source = _prompts_and_problem_chars(recipe)
+    shape = _shape(recipe, prompts, chars)
+    base = recipe.society.base_models()[0]
+    finetuned = f"ft:{base}:estimate::x"
+    stages = [Stage("iter-0/eval")]
+    _debate(stages[0], recipe, shape, recipe.task.n_test, base)
+    for it in range(1, recipe.finetune.iterations + 1):
+        train, ft, ev = Stage(f"iter-{it}/train"), Stage(f"iter-{it}/finetune"), Stage(f"iter-{it}/eval")
+        _debate(train, recipe, shape, recipe.task.n_train, base if it == 1 else finetuned)
+        _finetune(ft, recipe, shape)
+        _debate(ev, recipe, shape, recipe.task.n_test, finetuned)
+        stages += [train, ft, ev]
+    return stages, source
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}" if n else "-"
+
+
+def dry_run(recipe: Recipe) -> str:
+    """A printable table of chat calls, tokens, fine-tuning jobs and dollars per stage."""
+    stages, source = estimate(recipe)
+    total = Stage("total")
+    for st in stages:
+        total.calls += st.calls
+        total.prompt_tokens += st.prompt_tokens
+        total.completion_tokens += st.completion_tokens
+        total.jobs += st.jobs
+        total.trained_tokens += st.trained_tokens
+        total.add_cost(st.dollars)
+    header = ["stage", "chat calls", "prompt tok", "completion tok", "ft jobs", "trained tok", "cost"]
+    rows = [header] + [
+        [
+            st.name,
+            _fmt(st.calls),
+            _fmt(st.prompt_tokens),
+            _fmt(st.completion_tokens),
+            _fmt(st.jobs),
+            _fmt(st.trained_tokens),
+            format_usd(st.dollars),
+        ]
+        for st in [*stages, total]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(-1, lines[1])
+    s = recipe.society
+    b = recipe.backend
+    batch = bool(b.options.get("batch", False))
+    minutes = math.ceil(total.calls / b.concurrency) * SECONDS_PER_CALL / 60
+    notes = [
+        f"dry run of recipe {recipe.name!r}: {s.agents} agents x {s.rounds} rounds, "
+        f"{recipe.task.n_train} train / {recipe.task.n_test} test {recipe.task.name} problems, "
+        f"{recipe.finetune.iterations} iterations, models {', '.join(sorted(set(s.base_models())))}",
+        f"estimates: {source}; answers ~{TYPICAL_ANSWER_TOKENS.get(recipe.task.name, 250)} tokens "
+        f"(max_tokens {recipe.sampling.max_tokens}); training tokens are an upper bound (every problem kept) "
+        f"x {recipe.finetune.spec.epochs} epochs",
+        f"chat wall time at concurrency {b.concurrency} and ~{SECONDS_PER_CALL:.0f} s/call: ~{minutes:.0f} min"
+        + (" (Batch API: half price, up to 24 h per debate round)" if batch else "")
+        + "; fine-tuning jobs add their queue and training time",
+        PRICES_NOTE,
+    ]
+    return "\n".join(["\n".join(lines), "", *notes])
