@@ -87,9 +87,10 @@ class LocalBackend:
     name = "local"
     can_finetune = True
 
-    def __init__(self, llama: LlamaCppBackend, jobs: LocalJobs) -> None:
+    def __init__(self, llama: LlamaCppBackend, jobs: LocalJobs, trainer: LoraTrainer | None = None) -> None:
         self.llama = llama
         self.jobs = jobs
+        self.trainer = trainer  #: the training worker's model holder (benchmarks, tests)
 
     async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
         return await self.llama.complete(model, messages, sampling)
@@ -136,7 +137,7 @@ def create(options: Mapping[str, Any], run_dir: Path) -> LocalBackend:
         )
     )
     jobs = LocalJobs(run_dir / "local-jobs", make_runner(trainer, path))
-    return LocalBackend(llama, jobs)
+    return LocalBackend(llama, jobs, trainer)
 
 
 def create_auto(options: Mapping[str, Any], run_dir: Path) -> Backend:
