@@ -391,7 +391,9 @@ def create(options: Mapping[str, Any], run_dir: Path) -> OpenAIBackend:
     ``OPENAI_API_KEY``; the key itself never belongs in a recipe), ``timeout_s``, ``batch``,
     ``batch_window_s``, ``batch_poll_s``, ``organization``, ``project``, ``weight_support``.
 
-    A local server (``base_url`` set) needs no key; the hosted API does.
+    A local server (``base_url`` set) needs no key; the hosted API does. With ``batch``, a call waits
+    in its batch while holding a slot of ``backend.concurrency``, so one batch holds at most that
+    many requests: raise it (e.g. to 5000) to put a whole debate round into one batch.
     """
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:

@@ -435,7 +435,7 @@ def chat_response(st: FakeState, req: dict[str, Any], ref: str) -> dict[str, Any
     prompt = sum(len(m["content"]) // 4 + 4 for m in req["messages"])
     completion = len(text) // 4 + 1
     return {
-        "id": f"chatcmpl-{abs(hash((text, prompt))) % 10**12}",
+        "id": "chatcmpl-" + hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()[:16],
         "object": "chat.completion",
         "created": 0,
         "model": req["model"],
