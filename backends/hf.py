@@ -41,6 +41,7 @@ from typing import Any
 
 from agentsoc.backend import FatalBackendError
 from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef
+from backends.llamacpp import usable_cpus
 
 HF_PIP = "pip install 'agentsoc[local,hf]'   (torch==2.13.0, transformers, peft, gguf)"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -142,7 +143,7 @@ class LoraTrainer:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
             raise FatalBackendError(f"local finetuning needs torch, transformers and peft. Fix: {HF_PIP}") from exc
-        torch.set_num_threads(self.options.threads or max(1, os.cpu_count() or 1))
+        torch.set_num_threads(self.options.threads or usable_cpus())
         start = time.perf_counter()
         if self.options.hf_dir is not None:
             src: dict[str, Any] = {"pretrained_model_name_or_path": str(self.options.hf_dir)}

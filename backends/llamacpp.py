@@ -71,6 +71,14 @@ def adapter_ref(name: str, adapter: str | os.PathLike[str]) -> ModelRef:
     return f"{name}{ADAPTER_SEP}{Path(adapter).resolve()}"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity/cgroup-aware where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -143,7 +151,7 @@ class LlamaCppBackend:
             extra_buffers=extra,
             model_path=str(self.model_path),
             n_ctx=self.options.n_ctx,
-            n_threads=self.options.n_threads or max(1, os.cpu_count() or 1),
+            n_threads=self.options.n_threads or usable_cpus(),
             n_batch=self.options.n_batch,
             verbose=self.options.verbose,
         )
