@@ -402,7 +402,9 @@ class Society:
             self.store.put_metric(iteration, name, sc.model_dump())
         self.store.put_metric(iteration, "slots", [s.model_dump() for s in self.slots])
         ev = self.recipe.evaluation
-        if ev.diversity and transcripts:
+        # a resumed run has the same transcripts, hence the same diversity: do not pay for scoring twice
+        stored = self.store.metrics().get(iteration, {}).get("diversity")
+        if ev.diversity and transcripts and stored is None:
             token = current_stage.set(f"iter-{iteration}/diversity")
             try:
                 div = await measure(
