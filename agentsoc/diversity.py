@@ -150,27 +150,34 @@ async def likelihood_and_kl(
     The caller checks ``supports(backend, "score")``.
     """
     scorer: ScoringBackend = backend  # type: ignore[assignment]
-    jobs = []
-    for t in transcripts:
+    # one teacher-forced pass per (problem, response author i, scoring model): p_i is shared by
+    # every pair (i, j), so N² passes per problem instead of 2·N·(N−1)
+    scores: dict[tuple[int, int, str], TokenLogprobs] = {}
+
+    async def score_one(p: int, i: int, model: str) -> None:
+        t = transcripts[p]
+        scores[(p, i, model)] = await scorer.score(model, t.agents[i].messages[:1], t.agents[i].response(0))
+
+    wanted: dict[tuple[int, int, str], None] = {}
+    pairs = []
+    for p, t in enumerate(transcripts):
         n = len(t.agents)
         for i in range(n):
-            prompt = t.agents[i].messages[:1]
-            response = t.agents[i].response(0)
             own = t.agents[i].models[0]
             for j in range(n):
-                if i != j:
-                    jobs.append((prompt, response, own, t.agents[j].models[0]))
+                other = t.agents[j].models[0]
+                if i == j:
+                    continue
+                pairs.append((p, i, own, other))
+                wanted[(p, i, other)] = None
+                if kl:
+                    wanted[(p, i, own)] = None
+    await gather_all([score_one(p, i, m) for p, i, m in wanted])
 
-    async def one(job: tuple[Any, str, str, str]) -> tuple[float | None, float | None]:
-        prompt, response, own, other = job
-        q = await scorer.score(other, prompt, response)
-        nll = mean_nll(q)
-        if not kl:
-            return nll, None
-        p = q if own == other else await scorer.score(own, prompt, response)
-        return nll, token_kl(p, q)
-
-    results = await gather_all([one(j) for j in jobs])
+    results = []
+    for p, i, own, other in pairs:
+        q = scores[(p, i, other)]
+        results.append((mean_nll(q), token_kl(scores[(p, i, own)], q) if kl else None))
     nlls = [a for a, _ in results if a is not None]
     kls = [b for _, b in results if b is not None]
     return {
