@@ -116,10 +116,16 @@ async def _compare(args: argparse.Namespace) -> int:
     from agentsoc.config import load_recipe
     from agentsoc.report import render
 
-    recipe = load_recipe(args.recipe)
+    recipes = [load_recipe(r) for r in args.recipe]
     methods = resolve([m.strip() for m in args.methods.split(",") if m.strip()])
-    out = args.out or Path("runs") / f"{recipe.name}-compare"
-    results = await compare(recipe, methods, out, reference=args.reference, progress=not args.quiet)
+    if len({r.name for r in recipes}) != len(recipes):
+        raise RunDirError("compare: the recipes must have distinct names (each gets its own folder)")
+    out = args.out or Path("runs") / (f"{recipes[0].name}-compare" if len(recipes) == 1 else "compare")
+    results = []
+    for recipe in recipes:
+        # several recipes (e.g. one per task): one compare folder each, one Table 1 over all of them
+        folder = out if len(recipes) == 1 else out / recipe.name
+        results += await compare(recipe, methods, folder, reference=args.reference, progress=not args.quiet)
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
     else:
@@ -162,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run several methods (baselines, ablations) on the same problems and write one report",
         epilog="methods: " + ", ".join(METHODS),
     )
-    cmp.add_argument("recipe", help="path of a TOML recipe (the 'ours' method)")
+    cmp.add_argument(
+        "recipe", nargs="+", help="TOML recipe(s) (the 'ours' method); several (one per task) give one Table 1"
+    )
     cmp.add_argument("--methods", default="ours,base,majority,debate", help="comma-separated method names (see below)")
     cmp.add_argument("--out", type=Path, default=None, help="folder of the method runs (default runs/<name>-compare)")
     cmp.add_argument("--reference", default="ours", help="method the paired differences are taken against")

@@ -47,6 +47,12 @@ class RunSummary:
     usage: list[dict[str, Any]] = field(default_factory=list)
     jobs: int = 0
     vs_reference: dict[str, Any] | None = None
+    #: the Table 1 column; defaults to the evaluation task's name
+    column: str | None = None
+
+    @property
+    def col(self) -> str:
+        return self.column or self.task
 
     @property
     def task(self) -> str:
@@ -117,34 +123,49 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _shape_of(r: RunSummary) -> str:
+    soc, ev = r.recipe["society"], r.recipe.get("evaluation", {})
+    return f"{ev.get('agents') or soc.get('agents', 3)} × {ev.get('rounds') or soc.get('rounds', 2)}"
+
+
 def table1(runs: Sequence[RunSummary], reference: str | None = None) -> str:
     """Method × task: accuracy ± SE of the final vote after each method's last iteration; the best
-    of each column in bold; with a reference, the paired difference to it on the same problems."""
-    tasks = list(dict.fromkeys(r.task for r in runs))
+    of each column in bold. With one task, also the iterations, the evaluation shape and (given a
+    reference) the paired difference to it on the same problems."""
+    tasks = list(dict.fromkeys(r.col for r in runs))
+    labels = list(dict.fromkeys(r.label for r in runs))
+    cell_run = {(r.label, r.col): r for r in runs}
     best = {}
     for t in tasks:
-        accs = [f["accuracy"] for r in runs if r.task == t and (f := r.final())]
+        accs = [f["accuracy"] for r in runs if r.col == t and (f := r.final())]
         best[t] = max(accs) if accs else None
-    header = ["Method", *tasks, "iterations", "agents × rounds (eval)"]
-    if reference and len(tasks) == 1:
-        header.append(f"Δ vs {reference} (paired)")
+    single = len(tasks) == 1
+    header = ["Method", *tasks]
+    if single:
+        header += ["iterations", "agents × rounds (eval)"]
+        if reference:
+            header.append(f"Δ vs {reference} (paired)")
     rows = []
-    for r in runs:
+    for label in labels:
         cells = []
         for t in tasks:
-            f = r.final() if r.task == t else None
+            run = cell_run.get((label, t))
+            f = run.final() if run else None
             cell = fmt(f)
             if f and best[t] is not None and abs(f["accuracy"] - best[t]) < 1e-12:
                 cell = f"**{cell}**"
             cells.append(cell)
-        soc, ev = r.recipe["society"], r.recipe.get("evaluation", {})
-        shape = f"{ev.get('agents') or soc.get('agents', 3)} × {ev.get('rounds') or soc.get('rounds', 2)}"
-        row = [r.label, *cells, str(r.iterations[-1] if r.iterations else 0), shape]
-        if reference and len(tasks) == 1:
-            vs = r.vs_reference
-            row.append(
-                "–" if not vs else f"{100 * vs['diff']:+.2f} ± {100 * vs['se']:.2f} (+{vs['a_only']}/−{vs['b_only']})"
-            )
+        row = [label, *cells]
+        if single:
+            r = cell_run[(label, tasks[0])]
+            row += [str(r.iterations[-1] if r.iterations else 0), _shape_of(r)]
+            if reference:
+                vs = r.vs_reference
+                row.append(
+                    "–"
+                    if not vs
+                    else f"{100 * vs['diff']:+.2f} ± {100 * vs['se']:.2f} (+{vs['a_only']}/−{vs['b_only']})"
+                )
         rows.append(row)
     return md_table(header, rows)
 
@@ -486,10 +507,46 @@ def render_compare(out_dir: Path, *, plots: bool = True) -> Path:
     return path
 
 
+def render_collection(folder: Path, *, plots: bool = True) -> Path:
+    """One Table 1 over several compare folders (one per task/recipe), each also rendered alone."""
+    subs = sorted(p for p in folder.iterdir() if (p / "compare.json").exists())
+    runs: list[RunSummary] = []
+    per_sub = []
+    for sub in subs:
+        render_compare(sub, plots=plots)
+        per_sub.append((sub, load_compare(sub)[0]))
+    # columns are tasks; two recipes on the same task (other options) are told apart by recipe name
+    tasks = [r.task for _, rs in per_sub for r in rs[:1]]
+    for sub, rs in per_sub:
+        for r in rs:
+            r.column = r.task if tasks.count(r.task) == 1 else f"{r.task} ({sub.name})"
+        runs += rs
+    lines = _header(runs, f"Comparison — {folder.name}")
+    lines += [
+        "Accuracy (%) ± SE of the majority-voted final answer on each task's fixed held-out problems, after"
+        " each method's last finetuning iteration. Best per task in **bold**.",
+        "",
+        table1(runs),
+        "",
+        "Per task (per-iteration tables, diversity, data, usage, plots): "
+        + ", ".join(f"[{s.name}]({s.name}/report.md)" for s in subs),
+        "",
+    ]
+    notes = _notes(runs)
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
 def render(path: Path, *, plots: bool = True) -> Path:
-    """The report of a compare folder (has ``compare.json``) or of a run directory."""
+    """The report of a compare folder (has ``compare.json``), of a folder of compare folders, or of a
+    run directory."""
     if (path / "compare.json").exists():
         return render_compare(path, plots=plots)
     if (path / "run.sqlite").exists():
         return render_run(path, plots=plots)
+    if path.is_dir() and any((p / "compare.json").exists() for p in path.iterdir()):
+        return render_collection(path, plots=plots)
     raise ReportError(f"{path}: neither a run directory (run.sqlite) nor a compare folder (compare.json)")

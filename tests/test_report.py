@@ -118,5 +118,23 @@ def test_compare_cli(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError):
-        render(tmp_path)
+        render(tmp_path / "empty")
+
+
+def test_table1_over_several_tasks(tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    for name, pattern in (("hard", "a+b*c+d-e*f"), ("easy", "a+b")):
+        rec = recipe_from_dict(
+            mock_recipe(
+                name=name,
+                **{"finetune.iterations": 0, "task.n_test": 8, "task.options": {"pattern": pattern}},
+            ),
+            base_dir=Path("."),
+        )
+        asyncio.run(compare(rec, ["debate", "majority"], out / name))
+    text = render(out, plots=False).read_text()
+    assert "| Method | arithmetic (easy) | arithmetic (hard) |" in text
+    assert "| Debate |" in text and "| Majority |" in text and "(easy/report.md)" in text
+    assert (out / "easy" / "report.md").exists() and (out / "hard" / "report.md").exists()
