@@ -373,12 +373,7 @@ class LocalJobs:
             rec = self._records.get(key) or self._load(key)
             if rec is not None:
                 self._records[key] = rec
-                if rec.state in (JobState.QUEUED, JobState.RUNNING) and key not in self._enqueued:
-                    # the process that ran it is gone: restart from scratch with the saved inputs
-                    rec.state, rec.progress = JobState.QUEUED, 0.0
-                    self._event(rec, "adopted an unfinished job after a restart; training restarts from scratch")
-                    self._save(rec)
-                    self._enqueue(key)
+                self._restart_orphan(rec)
                 return rec.to_job(self.backend_name)
             d = self.job_dir(key)
             d.mkdir(parents=True, exist_ok=True)
@@ -399,7 +394,18 @@ class LocalJobs:
             if rec is None:
                 raise FatalBackendError(f"no local fine-tuning job with key {job.key!r} under {self.root}")
             self._records[job.key] = rec
+            # a resumed run polls the jobs it recorded without submitting them again
+            self._restart_orphan(rec)
             return rec.to_job(self.backend_name)
+
+    def _restart_orphan(self, rec: JobRecord) -> None:
+        """An unfinished job that no worker of this process owns: its process is gone, so train
+        it again from scratch with the inputs saved in its directory (caller holds the lock)."""
+        if rec.state in (JobState.QUEUED, JobState.RUNNING) and rec.key not in self._enqueued:
+            rec.state, rec.progress = JobState.QUEUED, 0.0
+            self._event(rec, "adopted an unfinished job after a restart; training restarts from scratch")
+            self._save(rec)
+            self._enqueue(rec.key)
 
     def _enqueue(self, key: str) -> None:
         self._enqueued.add(key)

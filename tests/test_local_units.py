@@ -266,6 +266,18 @@ def test_unfinished_job_restarts_from_scratch_after_restart(tmp_path: Path) -> N
     assert any("restarts from scratch" in e for e in jobs2.poll(restarted).events)
 
 
+def test_polling_an_orphaned_job_restarts_it(tmp_path: Path) -> None:
+    """A resumed run polls recorded jobs without submitting them: polling must adopt them too."""
+    jobs = LocalJobs(tmp_path, CountingRunner())
+    jobs._enqueue = lambda key: None  # type: ignore[method-assign]
+    job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "orphan")
+    runner = CountingRunner()
+    jobs2 = LocalJobs(tmp_path, runner)
+    assert jobs2.poll(job).state in (JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED)
+    jobs2.wait_idle(10)
+    assert jobs2.poll(job).state == JobState.SUCCEEDED and runner.calls == 1
+
+
 def test_failed_job_reports_the_error_and_stays_failed(tmp_path: Path) -> None:
     jobs = LocalJobs(tmp_path, CountingRunner(fail=True))
     job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "bad")
