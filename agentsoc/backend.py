@@ -84,3 +84,12 @@ def supports(backend: object, capability: Capability) -> bool:
     if capability == "score":
         return callable(getattr(backend, "score", None))
     return bool(getattr(backend, "can_finetune", True))
+
+
+def backend_attribute(backend: object, name: str, default: int) -> int:
+    """A backend's declared limit (e.g. ``min_finetune_examples``), looking through wrappers."""
+    inner = getattr(backend, "inner", None)
+    if inner is not None:
+        return backend_attribute(inner, name, default)
+    value = getattr(backend, name, default)
+    return int(value) if isinstance(value, int) else default

@@ -49,6 +49,10 @@ class BackendConfig(_Section):
     max_backoff_s: float = Field(default=30.0, gt=0)
     #: seconds between two polls of a fine-tuning job
     poll_interval_s: float = Field(default=10.0, gt=0)
+    #: fine-tuning jobs submitted and running at once (None: all of an iteration's jobs at once).
+    #: Providers cap active jobs per organisation (OpenAI: a handful); past the cap creation
+    #: fails with 429 for as long as the earlier jobs run, longer than any retry budget.
+    max_active_jobs: int | None = Field(default=None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
 
 

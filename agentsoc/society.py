@@ -23,7 +23,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from agentsoc.backend import Backend, JobFailedError
+from agentsoc.backend import Backend, JobFailedError, backend_attribute
 from agentsoc.config import Recipe, RecipeError, load_recipe
 from agentsoc.debate import AgentSlot, DebateSettings, Transcript, agent_id_message, debate, gather_all
 from agentsoc.diversity import measure
@@ -122,9 +122,7 @@ class Society:
 
             self.eval_task = eval_task or tasks.create(ev.task.name, ev.task.options, base_dir=recipe.base_dir)
             self.eval_prompts = resolve_prompts(self.eval_task, ev.prompts or {}, "evaluation")
-            self.eval_problems = (
-                eval_split or self.eval_task.load(ev.task.n_train, ev.task.n_test, recipe.seed)
-            ).test
+            self.eval_problems = (eval_split or self.eval_task.load(ev.task.n_train, ev.task.n_test, recipe.seed)).test
 
     @classmethod
     def from_recipe(
@@ -337,9 +335,14 @@ class Society:
     async def finetune(self, iteration: int, data: Sequence[AgentData]) -> list[AgentSlot]:
         """One job per agent and role, all submitted at once; returns the new slots.
 
-        A role whose dataset is below ``selection.min_examples`` keeps its current model.
+        A role whose dataset is below ``selection.min_examples`` (or the backend's own minimum,
+        e.g. OpenAI's 10) keeps its current model; at most ``backend.max_active_jobs`` jobs run
+        at once.
         """
         sets = self._write_datasets(iteration, data)
+        floor = max(self.recipe.selection.min_examples, backend_attribute(self.backend, "min_finetune_examples", 1))
+        cap = self.recipe.backend.max_active_jobs
+        active = asyncio.Semaphore(cap or len(sets) or 1)
         base_models = self.recipe.society.base_models()
         spec = self.recipe.finetune.spec
         bar = tqdm(
@@ -347,7 +350,11 @@ class Society:
         )
 
         async def one(agent_key: str, role: str, examples: list[ChatExample]) -> tuple[str, str, ModelRef | None]:
-            if len(examples) < self.recipe.selection.min_examples:
+            if len(examples) < floor:
+                if self.progress:
+                    tqdm.write(
+                        f"iter-{iteration} agent {agent_key} {role}: {len(examples)} examples < {floor}, not finetuned"
+                    )
                 bar.update(1)
                 return agent_key, role, None
             slot = self.slots[0 if agent_key == "all" else int(agent_key)]
@@ -355,7 +362,8 @@ class Society:
             base = base_models[slot.index] if self.recipe.finetune.from_base else current
             key = f"{self.key_prefix}/iter-{iteration}/agent-{agent_key}/{role}"
             labels = {"run": self.recipe.name, "iteration": str(iteration), "agent": agent_key, "role": role}
-            job = await self._run_job(key, base, examples, spec.model_copy(update={"metadata": labels}))
+            async with active:
+                job = await self._run_job(key, base, examples, spec.model_copy(update={"metadata": labels}))
             bar.update(1)
             return agent_key, role, job.result
 
@@ -432,9 +440,7 @@ class Society:
             iteration=iteration, scores=scores, datasets=self.store.datasets(iteration), slots=self.slots
         )
 
-    async def _rationalize(
-        self, iteration: int, train: Sequence[Transcript], data: list[AgentData]
-    ) -> list[AgentData]:
+    async def _rationalize(self, iteration: int, train: Sequence[Transcript], data: list[AgentData]) -> list[AgentData]:
         """STaR: add each agent's rationalized examples (hint-free prompt → rationale) to its D^G."""
         token = current_stage.set(f"iter-{iteration}/rationalize")
         try:

@@ -36,7 +36,7 @@ from openai.types.fine_tuning import FineTuningJob
 from agentsoc.backend import BackendError, FatalBackendError, TransientBackendError
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, JobState, Message, ModelRef, Sampling, Usage
 from backends.openai_batch import Batcher
-from backends.openai_files import JsonRecord, content_hash, describe, safe_name, training_jsonl, validate
+from backends.openai_files import MIN_EXAMPLES, JsonRecord, content_hash, describe, safe_name, training_jsonl, validate
 from backends.openai_files import expect as _expect
 
 #: After this day OpenAI accepts no new fine-tuning jobs from anyone (ecosystem.md finding 1).
@@ -90,6 +90,7 @@ class OpenAIBackend:
 
     name = "openai"
     can_finetune = True
+    min_finetune_examples = MIN_EXAMPLES
 
     def __init__(
         self,

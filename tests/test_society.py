@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import mock_recipe
 
+from agentsoc import tasks
+from agentsoc.config import recipe_from_dict
 from agentsoc.society import Society
 from agentsoc.store import RunStore
+from backends.mock import MockBackend
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -111,3 +115,46 @@ def test_kill_and_resume_matches_uninterrupted_run(write_recipe: Any, tmp_path: 
     assert len(sent) == len((clean / "server/calls.log").read_text().split())
     submitted = Counter((crashed / "server/submissions.log").read_text().split())
     assert len(submitted) == 12 and set(submitted.values()) == {1}, "a job was submitted twice"
+
+
+class CountingMock(MockBackend):
+    """Tracks how many jobs are submitted and not yet finished at any moment."""
+
+    def __init__(self) -> None:
+        super().__init__(polls_to_finish=3)
+        self.active: set[str] = set()
+        self.peak = 0
+
+    async def submit_finetune(self, base, examples, spec, *, key):  # type: ignore[no-untyped-def]
+        job = await super().submit_finetune(base, examples, spec, key=key)
+        self.active.add(job.id)
+        self.peak = max(self.peak, len(self.active))
+        return job
+
+    async def poll_finetune(self, job):  # type: ignore[no-untyped-def]
+        polled = await super().poll_finetune(job)
+        if polled.state.terminal:
+            self.active.discard(polled.id)
+        return polled
+
+
+async def test_active_jobs_are_capped_and_backend_minimum_is_respected(tmp_path: Path) -> None:
+    recipe = recipe_from_dict(mock_recipe(**{"backend.max_active_jobs": 2, "finetune.iterations": 1}))
+    backend = CountingMock()
+    soc = Society(
+        recipe, run_dir=tmp_path / "capped", backend=backend, task=tasks.create("arithmetic", {}), progress=False
+    )
+    async with soc:
+        await soc.run()
+        assert len(soc.store.jobs()) == 6
+    assert backend.peak == 2
+
+    strict = CountingMock()
+    strict.min_finetune_examples = 10_000  # type: ignore[attr-defined]
+    soc = Society(
+        recipe, run_dir=tmp_path / "strict", backend=strict, task=tasks.create("arithmetic", {}), progress=False
+    )
+    async with soc:
+        results = await soc.run()
+        assert soc.store.jobs() == []
+    assert results[-1].slots == results[0].slots  # nobody was finetuned
