@@ -140,10 +140,6 @@ class EvaluationConfig(_Section):
     diversity_problems: int = Field(default=50, ge=1)
 
 
-#: (section, field, default) of switches added later; see Recipe.fingerprint
-_LATER_SWITCHES = (("society", "unique_id", False), ("selection", "label", "vote"), ("selection", "rationalize", False))
-
-
 class Recipe(_Section):
     """A whole experiment."""
 
@@ -171,12 +167,6 @@ class Recipe(_Section):
     def fingerprint(self) -> str:
         """A hash of what determines results (not where the recipe file lives)."""
         data = self.model_dump(mode="json", exclude={"base_dir"})
-        # Switches added after runs existed enter the hash only when set, so those runs still resume.
-        if self.evaluation == EvaluationConfig():
-            del data["evaluation"]
-        for section, key, default in _LATER_SWITCHES:
-            if data[section].get(key) == default:
-                del data[section][key]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
