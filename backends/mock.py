@@ -144,7 +144,7 @@ class MockBrain:
             return "I cannot tell what the answer is."
         if len(messages) == 1:
             answer = truth if rng.random() < skill else self._wrong(question, truth, rng)
-        elif rng.random() < skill:
+        elif rng.random() < skill / 2:
             answer = truth
         else:
             own = _last_number(messages[-2]["content"])
@@ -169,7 +169,7 @@ class MockBrain:
                     bad += 1
         total = good + bad
         if total:
-            skill = skill + (1 - skill) * 0.5 * (good / total) * min(1.0, total / 20) - 0.2 * skill * (bad / total)
+            skill = skill + (1 - skill) * 0.25 * (good / total) * min(1.0, total / 40) - 0.25 * skill * (bad / total)
         return f"mock:{min(max(skill, 0.0), 0.999):.4f}@{job_id}"
 
     @staticmethod
