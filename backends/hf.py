@@ -31,6 +31,7 @@ import os
 import queue
 import random
 import re
+import sys
 import threading
 import time
 import traceback
@@ -124,6 +125,7 @@ class TrainerOptions:
     hf_dir: Path | None = None  #: optional transformers folder of the same model (faster load, no dequant)
     threads: int | None = None
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    hf_cache: bool = True  #: keep a float32 transformers copy of the GGUF in the cache dir
 
 
 class LoraTrainer:
@@ -145,8 +147,11 @@ class LoraTrainer:
             raise FatalBackendError(f"local finetuning needs torch, transformers and peft. Fix: {HF_PIP}") from exc
         torch.set_num_threads(self.options.threads or usable_cpus())
         start = time.perf_counter()
+        cache = self._hf_cache_dir()
         if self.options.hf_dir is not None:
             src: dict[str, Any] = {"pretrained_model_name_or_path": str(self.options.hf_dir)}
+        elif cache is not None and (cache / "complete").is_file():
+            src = {"pretrained_model_name_or_path": str(cache)}
         else:
             src = {
                 "pretrained_model_name_or_path": str(self.options.model_path.parent),
@@ -159,7 +164,50 @@ class LoraTrainer:
             self.tokenizer.chat_template = template
         self.model = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
         self.model.config.use_cache = False
+        if "gguf_file" in src and cache is not None:
+            self._save_cache(cache)
         self.load_seconds = time.perf_counter() - start
+
+    def _hf_cache_dir(self) -> Path | None:
+        """Where the dequantised transformers copy of the GGUF is kept (``None``: caching off).
+
+        Dequantising the GGUF takes about a minute per process; the float32 copy (~2.5 GB) loads in
+        seconds. Keyed by the GGUF's name, size and mtime, so a changed file is never served stale.
+        """
+        if not self.options.hf_cache:
+            return None
+        from backends.bundled import cache_dir
+
+        st = self.options.model_path.stat()
+        return cache_dir() / f"hf-{self.options.model_path.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+    def _save_cache(self, cache: Path) -> None:
+        """Save the dequantised model atomically (temp dir + rename); a failure only costs speed."""
+        import shutil
+        import tempfile
+
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent))
+            # save_pretrained refuses a model loaded "quantized with gguf"; the weights are plain
+            # float32 after dequantising, so write them and a config without the GGUF marker
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = self.model.config.to_dict()
+            config.pop("quantization_config", None)
+            config["architectures"] = [type(self.model).__name__]
+            config["use_cache"] = True
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            self.tokenizer.save_pretrained(str(tmp))
+            (tmp / "complete").write_text(str(self.options.model_path) + "\n")
+            try:
+                tmp.rename(cache)
+            except OSError:  # another process won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        except Exception as exc:  # disk full, read-only cache: train anyway
+            print(f"agentsoc: could not cache the dequantised model in {cache}: {exc}", file=sys.stderr)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return str(
