@@ -11,12 +11,14 @@ import argparse
 import asyncio
 import json
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from agentsoc.backend import BackendError
-from agentsoc.config import RecipeError
+from agentsoc.config import Recipe, RecipeError, recipe_from_dict
 from agentsoc.society import IterationResult, RunDirError, Society
 from agentsoc.store import RunStore
 from agentsoc.tasks.base import DataError
@@ -70,7 +72,11 @@ async def _run(args: argparse.Namespace) -> int:
 
         print(dry_run(load_recipe(args.recipe)))
         return 0
-    society = Society.from_recipe(args.recipe, run_dir=args.run_dir, resume=args.resume, progress=not args.quiet)
+    return await _execute(args.recipe, args)
+
+
+async def _execute(recipe: Recipe | str, args: argparse.Namespace) -> int:
+    society = Society.from_recipe(recipe, run_dir=args.run_dir, resume=args.resume, progress=not args.quiet)
     async with society:
         print(f"run directory: {society.run_dir}", file=sys.stderr)
         results = await society.run()
@@ -80,6 +86,38 @@ async def _run(args: argparse.Namespace) -> int:
         print(summary_table(results))
         print("\naccuracy (%) ± standard error on held-out problems; 'vote round 0' = Majority of the agents.")
     return 0
+
+
+#: what ``agentsoc demo --quick`` changes in the demo recipe: a smoke run, not a result
+QUICK = {
+    "task.n_train": 6,
+    "task.n_test": 6,
+    "finetune.iterations": 1,
+    "sampling.max_tokens": 160,
+    "evaluation.diversity": ["consensus"],
+}
+
+
+def demo_recipe(quick: bool) -> Recipe:
+    """The packaged demo recipe (``agentsoc/recipes/arithmetic-local.toml``), shrunk by ``--quick``."""
+    text = (resources.files("agentsoc") / "recipes" / "arithmetic-local.toml").read_text(encoding="utf-8")
+    data: dict[str, Any] = tomllib.loads(text)
+    if quick:
+        data["name"] = data["name"] + "-quick"
+        for dotted, value in QUICK.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return recipe_from_dict(data, source="agentsoc/recipes/arithmetic-local.toml")
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    recipe = demo_recipe(args.quick)
+    if args.run_dir is None:
+        args.run_dir = Path("runs") / recipe.name
+    return await _execute(recipe, args)
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -150,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the expected calls, tokens, jobs and cost; send nothing"
     )
     run.set_defaults(handler=_run)
+
+    demo = sub.add_parser("demo", help="the whole loop on the bundled local model (CPU, offline)")
+    demo.add_argument("--quick", action="store_true", help="a few problems, one iteration: a smoke test")
+    demo.add_argument("--run-dir", type=Path, default=None, help="default runs/arithmetic-local[-quick]")
+    demo.add_argument("--fresh", dest="resume", action="store_false", help="refuse an existing run directory")
+    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(handler=_demo, resume=True)
 
     jobs = sub.add_parser("jobs", help="list the fine-tuning jobs of a run")
     jobs.add_argument("run_dir")
