@@ -130,7 +130,11 @@ def test_lora_training_raises_logprob_and_matches_transformers(tmp_path: Path) -
     import torch
     from peft import PeftModel
 
-    lora_trainer = backend.trainer
+    from backends.hf import LoraTrainer, TrainerOptions
+
+    # training ran in the backend's subprocess; load the same base here for the comparison
+    lora_trainer = LoraTrainer(TrainerOptions(model_path=backend.llama.model_path))
+    lora_trainer.load()
     peft_dir = Path(job.result.split("+adapter:")[1]).parent / "peft"
     merged = PeftModel.from_pretrained(lora_trainer.model, str(peft_dir)).merge_and_unload()
     tok = lora_trainer.tokenizer
