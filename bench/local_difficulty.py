@@ -20,7 +20,10 @@ from agentsoc.tasks import arithmetic
 from agentsoc.types import Message, Sampling
 from backends.llamacpp import create
 
-DEFAULT_LEVELS = "a+b:0:30,a-b:0:30,a+b-c:0:30,a*b:0:10,a+b*c:0:10,a*b+c:0:10,a*b:0:30,a+b*c:0:30,a+b*c+d-e*f:0:30"
+DEFAULT_LEVELS = (
+    "a+b:0:30,a-b:0:30,a+b-c:0:30,a+b+c:0:30,a*b:0:10,a+b*c:0:10,a*b+c:0:10,a*b-c:0:10,a*b:0:30,a+b*c:0:30,"
+    "a+b*c+d-e*f:0:30"
+)
 
 
 async def measure(levels: list[tuple[str, int, int]], n: int, max_tokens: int) -> None:
