@@ -11,7 +11,8 @@ Three layers, each usable alone:
   ``gguf_file=``) across jobs; per job it injects fresh LoRA modules (or the previous adapter's
   weights, for continued finetuning), trains, saves the PEFT adapter, converts it to a GGUF LoRA
   adapter for llama.cpp (:mod:`backends.gguf_lora`) and removes the LoRA modules again.
-- :class:`LocalJobs` — one worker thread, one job at a time; every job lives in
+- :class:`LocalJobs` — one worker thread, one job at a time (the ``local`` backend's runner hands
+  each job to a long-lived training subprocess, :class:`backends.local.TrainProcess`); every job lives in
   ``run_dir/local-jobs/<safe key>/`` (``state.json``, ``examples.jsonl``, ``spec.json``,
   ``train.log`` with the loss per step, ``peft/``, ``adapter.gguf``). ``submit`` with a key that
   already has a directory adopts it: a succeeded job is returned as it is (its adapter is reused
@@ -146,6 +147,7 @@ class LoraTrainer:
         except ImportError as exc:
             raise FatalBackendError(f"local finetuning needs torch, transformers and peft. Fix: {HF_PIP}") from exc
         torch.set_num_threads(self.options.threads or usable_cpus())
+        _quiet_transformers()
         start = time.perf_counter()
         cache = self._hf_cache_dir()
         if self.options.hf_dir is not None:
@@ -298,6 +300,18 @@ class LoraTrainer:
             trained_tokens=trained_tokens,
             seconds=time.perf_counter() - start,
         )
+
+
+def _quiet_transformers() -> None:
+    """No per-tensor progress bars or known-harmless warnings in the middle of a run's output."""
+    import importlib
+    import warnings
+
+    hf_logging: Any = importlib.import_module("transformers.utils.logging")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Could not find a config file")
 
 
 def _collate(batch: Sequence[Encoded], pad: int, torch: Any) -> tuple[Any, Any, Any]:
