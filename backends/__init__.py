@@ -22,9 +22,6 @@ _REGISTRY: dict[str, str] = {
     "llamacpp": "backends.llamacpp:create",
     "local": "backends.local:create",
     "auto": "backends.local:create_auto",
-    "llamacpp": "backends.llamacpp:create",
-    "local": "backends.local:create",
-    "auto": "backends.local:create_auto",
     "openai": "backends.openai:create",
 }
 
