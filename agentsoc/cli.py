@@ -90,9 +90,10 @@ async def _execute(recipe: Recipe | str, args: argparse.Namespace) -> int:
 
 #: what ``agentsoc demo --quick`` changes in the demo recipe: a smoke run, not a result
 QUICK = {
-    "task.n_train": 6,
-    "task.n_test": 6,
+    "task.n_train": 4,
+    "task.n_test": 3,
     "finetune.iterations": 1,
+    "selection.min_examples": 1,
     "sampling.max_tokens": 160,
     "evaluation.diversity": ["consensus"],
 }
