@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agentsoc.backend import Backend
 from agentsoc.types import FinetuneSpec, Sampling
 
 
@@ -204,3 +205,23 @@ def load_recipe(path: str | Path) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{p}: invalid TOML: {e}") from None
     return recipe_from_dict(data, source=str(p), base_dir=p.resolve().parent)
+
+
+# The registry lookups: the only place in the core that reaches into ``backends/`` (DESIGN §2),
+# lazily, so that importing the core never imports a backend or its SDK.
+
+
+def check_backend_name(recipe: Recipe) -> None:
+    """Fail before anything is written when the recipe names a backend that does not exist."""
+    import backends
+
+    if recipe.backend.name not in backends.names():
+        raise backends.UnknownBackendError(
+            f"backend.name: unknown backend {recipe.backend.name!r}; known backends: {', '.join(backends.names())}"
+        )
+
+
+def create_backend(recipe: Recipe, run_dir: Path) -> Backend:
+    import backends
+
+    return backends.create(recipe.backend.name, recipe.backend.options, run_dir)

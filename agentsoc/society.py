@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from agentsoc.backend import Backend, JobFailedError, backend_attribute
-from agentsoc.config import Recipe, RecipeError, load_recipe
+from agentsoc.config import Recipe, RecipeError, check_backend_name, create_backend, load_recipe
 from agentsoc.debate import AgentSlot, DebateSettings, Transcript, agent_id_message, debate, gather_all
 from agentsoc.diversity import measure
 from agentsoc.evaluate import Score, evaluate
@@ -138,7 +138,6 @@ class Society:
         Everything that can be checked is checked before the run directory is touched: a bad
         recipe, task file or backend name leaves no trace behind.
         """
-        import backends
         from agentsoc import tasks
 
         rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -152,14 +151,11 @@ class Society:
             eval_task = tasks.create(ev.name, ev.options, base_dir=rec.base_dir)
             resolve_prompts(eval_task, rec.evaluation.prompts or {}, "evaluation")
             eval_split = eval_task.load(ev.n_train, ev.n_test, rec.seed)
-        if rec.backend.name not in backends.names():
-            raise backends.UnknownBackendError(
-                f"backend.name: unknown backend {rec.backend.name!r}; known backends: {', '.join(backends.names())}"
-            )
+        check_backend_name(rec)
         fresh = not rdir.exists()
         prepare_run_dir(rdir, rec, resume=resume)
         try:
-            backend = backends.create(rec.backend.name, rec.backend.options, rdir)
+            backend = create_backend(rec, rdir)
         except BaseException:
             if fresh:
                 shutil.rmtree(rdir, ignore_errors=True)
