@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,20 @@ def split(
     held_out = _shuffled([p for p in _unique(test_pool) if p.question not in seen], seed)
     _require(task, test_source or source, len(held_out), n_test, f"n_test = {n_test} (after removing training overlap)")
     return Split(train=tuple(train_pool[:n_train]), test=tuple(held_out[:n_test]))
+
+
+def load_files(
+    task: str,
+    read: Callable[[Path], list[Problem]],
+    path: Path,
+    test_path: Path | None,
+    n_train: int,
+    n_test: int,
+    seed: int,
+) -> Split:
+    """The ``load`` of every file-backed task: one file split by seed, or a separate held-out file."""
+    test_pool = read(test_path) if test_path else None
+    return split(task, read(path), path, n_train, n_test, seed, test_pool=test_pool, test_source=test_path)
 
 
 def _unique(problems: Sequence[Problem]) -> list[Problem]:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks import numeric
 from agentsoc.tasks.base import DataError, Problem, Split
-from agentsoc.tasks.files import read_records, split, stable_id, text_field
+from agentsoc.tasks.files import load_files, read_records, stable_id, text_field
 from agentsoc.tasks.options import parse_options, resolve_path
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
@@ -59,11 +59,7 @@ class Gsm8kTask:
         self.prompts = PRESET
 
     def load(self, n_train: int, n_test: int, seed: int) -> Split:
-        test_pool = read_problems(self.test_path) if self.test_path else None
-        return split(
-            NAME, read_problems(self.path), self.path, n_train, n_test, seed,
-            test_pool=test_pool, test_source=self.test_path,
-        )  # fmt: skip
+        return load_files(NAME, read_problems, self.path, self.test_path, n_train, n_test, seed)
 
     def parse_answer(self, text: str) -> str | None:
         return numeric.parse_number(text)

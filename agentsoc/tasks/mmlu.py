@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks.base import DataError, Problem, Split
 from agentsoc.tasks.boxed import last_boxed
-from agentsoc.tasks.files import split, stable_id
+from agentsoc.tasks.files import load_files, stable_id
 from agentsoc.tasks.options import parse_options, resolve_path
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
@@ -73,11 +73,7 @@ class MmluTask:
         self.prompts = PRESET
 
     def load(self, n_train: int, n_test: int, seed: int) -> Split:
-        test_pool = read_problems(self.test_path) if self.test_path else None
-        return split(
-            NAME, read_problems(self.path), self.path, n_train, n_test, seed,
-            test_pool=test_pool, test_source=self.test_path,
-        )  # fmt: skip
+        return load_files(NAME, read_problems, self.path, self.test_path, n_train, n_test, seed)
 
     def parse_answer(self, text: str) -> str | None:
         stated = list(_STATED.finditer(text))
