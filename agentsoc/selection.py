@@ -18,11 +18,9 @@ reference (OpenAI/FastChat train on every assistant turn).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -107,13 +105,3 @@ def select(
             )
         )
     return result
-
-
-def write_jsonl(examples: Iterable[ChatExample], path: Path) -> None:
-    """Write OpenAI chat-format JSONL atomically (temp file + rename: never half a dataset)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.to_openai(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
