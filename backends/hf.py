@@ -43,7 +43,7 @@ from typing import Any
 
 from agentsoc.backend import FatalBackendError
 from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef
-from backends.llamacpp import usable_cpus
+from backends.llamacpp import cpu_flags, usable_cpus
 
 HF_PIP = "pip install 'agentsoc[local,hf]'   (torch==2.13.0, transformers, peft, gguf)"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -127,6 +127,10 @@ class TrainerOptions:
     threads: int | None = None
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     hf_cache: bool = True  #: keep a float32 transformers copy of the GGUF in the cache dir
+    #: bfloat16 autocast for forward/backward (LoRA weights and optimizer stay float32); None = on
+    #: where the CPU has native bf16 (AMX/AVX512-BF16): 1.7x faster there (measured 102 -> 173
+    #: training tokens/s on 2 cores), slower than float32 elsewhere
+    bf16: bool | None = None
 
 
 class LoraTrainer:
@@ -169,6 +173,11 @@ class LoraTrainer:
         if "gguf_file" in src and cache is not None:
             self._save_cache(cache)
         self.load_seconds = time.perf_counter() - start
+
+    def _bf16(self) -> bool:
+        if self.options.bf16 is not None:
+            return self.options.bf16
+        return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
     def _hf_cache_dir(self) -> Path | None:
         """Where the dequantised transformers copy of the GGUF is kept (``None``: caching off).
@@ -272,7 +281,8 @@ class LoraTrainer:
                 for b in range(batches_per_epoch):
                     batch = [encoded[i] for i in order[b * spec.batch_size : (b + 1) * spec.batch_size]]
                     ids, mask, weights = _collate(batch, pad, torch)
-                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16()):
+                        logits = model(input_ids=ids, attention_mask=mask).logits
                     # position t predicts token t+1; a token's weight applies where it is the target
                     logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
                     target = ids[:, 1:]

@@ -9,10 +9,12 @@ Recipe options (``[backend.options]``), all optional:
 - ``model`` — bundled model name (``qwen2.5-coder-0.5b-instruct``); ``model_path`` — your own GGUF
   (a chat model with a template in its metadata); ``hf_dir`` — a transformers folder of the same
   model for training (otherwise the GGUF is dequantised, ~1 min per process).
-- inference: ``n_ctx`` (4096), ``n_threads``, ``n_batch``, ``extra_buffers``, ``reuse_prefix``,
-  ``top_logprobs`` (see :class:`backends.llamacpp.LlamaOptions`).
+- inference: ``n_ctx`` (4096 tokens per sequence), ``parallel`` (8 sequences decoded together),
+  ``n_threads``, ``n_batch``, ``extra_buffers``, ``top_logprobs`` (see
+  :class:`backends.llamacpp.LlamaOptions`).
 - training: ``train_threads``, ``lora_targets`` (default q/k/v/o projections), ``hf_cache`` (keep a
   float32 transformers copy of the GGUF in the cache dir: ~2.5 GB, saves the minute of dequantising),
+  ``train_bf16`` (bfloat16 autocast; default on where the CPU has native bf16),
   ``train_in_process`` (false: jobs run in one long-lived training subprocess, see :class:`TrainProcess`).
 
 ``auto``: the OpenAI backend when ``OPENAI_API_KEY`` is set, otherwise ``local``; it says which
@@ -222,6 +224,7 @@ def create(options: Mapping[str, Any], run_dir: Path) -> LocalBackend:
         threads=options.get("train_threads"),
         lora_targets=tuple(options.get("lora_targets", DEFAULT_TARGETS)),
         hf_cache=bool(options.get("hf_cache", True)),
+        bf16=options.get("train_bf16"),
     )
     if options.get("train_in_process", False):
         trainer = LoraTrainer(trainer_options)
