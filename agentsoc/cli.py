@@ -42,6 +42,7 @@ def summary_table(results: Sequence[IterationResult]) -> str:
         *[f"vote {r.replace('_', ' ')}" for r in rounds],
         "single agent",
         "examples per agent",
+        "wall time (min)",
     ]
     rows = [header]
     for r in results:
@@ -60,6 +61,7 @@ def summary_table(results: Sequence[IterationResult]) -> str:
                 *[str(r.scores[k]) for k in rounds],
                 str(r.scores["agent_round_0"]),
                 sizes,
+                "  ".join(f"{k} {v / 60:.1f}" for k, v in r.wall_s.items()) or "-",
             ]
         )
     return _table(rows)
@@ -94,7 +96,6 @@ QUICK = {
     "task.n_test": 3,
     "finetune.iterations": 1,
     "selection.min_examples": 1,
-    "sampling.max_tokens": 160,
     "evaluation.diversity": ["consensus"],
 }
 

@@ -175,11 +175,14 @@ def iteration_table(run: RunSummary) -> str:
     rounds = sorted({k for i in its for k in run.metrics[i] if k.startswith("round_")}, key=lambda k: int(k[6:]))
     header = ["iter", "debate (final vote)", *[f"vote {k.replace('_', ' ')}" for k in rounds], "single agent"]
     header += [label for _, label in DIVERSITY]
+    header.append("wall time (min)")
     rows = []
     for i in its:
         m = run.metrics[i]
         row = [str(i), fmt(m.get("debate")), *[fmt(m.get(k)) for k in rounds], fmt(m.get("agent_round_0"))]
         row += [_num(run.diversity(i, key)) for key, _ in DIVERSITY]
+        walls = {k.removeprefix("wall_s/"): v for k, v in m.items() if k.startswith("wall_s/")}
+        row.append(", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items()) or "–")
         rows.append(row)
     return md_table(header, rows)
 

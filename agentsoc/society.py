@@ -12,9 +12,12 @@ Resume is "run the same recipe again": every step is idempotent against the run 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -53,6 +56,8 @@ class IterationResult(BaseModel):
     scores: dict[str, Score]
     datasets: list[dict[str, Any]] = []
     slots: list[AgentSlot] = []
+    #: wall-clock seconds per stage ("train", "finetune", "eval") in the session that did its work
+    wall_s: dict[str, float] = {}
 
 
 def resolve_prompts(task: Task, overrides: dict[str, str], source: str = "recipe") -> PromptSet:
@@ -273,7 +278,8 @@ class Society:
 
         token = current_stage.set(phase)
         try:
-            await debate(self.backend, task, prompts, slots, todo, settings, on_done=finished)
+            with self._timed(phase, work=bool(todo)):
+                await debate(self.backend, task, prompts, slots, todo, settings, on_done=finished)
         finally:
             current_stage.reset(token)
             bar.close()
@@ -345,6 +351,11 @@ class Society:
             total=len(sets), desc=f"finetune iter-{iteration}", unit="job", disable=not self.progress, leave=False
         )
 
+        def job_key(agent_key: str, role: str) -> str:
+            return f"{self.key_prefix}/iter-{iteration}/agent-{agent_key}/{role}"
+
+        keys = [job_key(a, r) for (a, r), ex in sets.items() if len(ex) >= floor]
+
         async def one(agent_key: str, role: str, examples: list[ChatExample]) -> tuple[str, str, ModelRef | None]:
             if len(examples) < floor:
                 if self.progress:
@@ -356,7 +367,7 @@ class Society:
             slot = self.slots[0 if agent_key == "all" else int(agent_key)]
             current = slot.generator if role == "generator" else slot.critic
             base = base_models[slot.index] if self.recipe.finetune.from_base else current
-            key = f"{self.key_prefix}/iter-{iteration}/agent-{agent_key}/{role}"
+            key = job_key(agent_key, role)
             labels = {"run": self.recipe.name, "iteration": str(iteration), "agent": agent_key, "role": role}
             async with active:
                 job = await self._run_job(key, base, examples, spec.model_copy(update={"metadata": labels}))
@@ -365,7 +376,8 @@ class Society:
 
         token = current_stage.set(f"iter-{iteration}/finetune")
         try:
-            results = await gather_all([one(a, r, ex) for (a, r), ex in sets.items()])
+            with self._timed(f"iter-{iteration}/finetune", work=any(self.store.get_job(k) is None for k in keys)):
+                results = await gather_all([one(a, r, ex) for (a, r), ex in sets.items()])
         finally:
             current_stage.reset(token)
             bar.close()
@@ -381,6 +393,22 @@ class Society:
                 )
             )
         return slots
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str, *, work: bool) -> Iterator[None]:
+        """Record the wall time of ``phase`` (``iter-1/train``) when this session does its work.
+
+        A resumed stage with nothing left to do keeps the time measured when it was done.
+        """
+        start = time.perf_counter()
+        yield
+        match = re.fullmatch(r"iter-(\d+)/(.+)", phase)
+        if work and match:
+            self.store.put_metric(int(match[1]), f"wall_s/{match[2]}", time.perf_counter() - start)
+
+    def wall_seconds(self, iteration: int) -> dict[str, float]:
+        metrics = self.store.metrics().get(iteration, {})
+        return {k.removeprefix("wall_s/"): float(v) for k, v in metrics.items() if k.startswith("wall_s/")}
 
     async def _run_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: Any) -> Job:
         job = self.store.get_job(key)
@@ -433,7 +461,11 @@ class Society:
         self.slots = await self.finetune(iteration, data)
         scores = await self.evaluate(iteration)
         return IterationResult(
-            iteration=iteration, scores=scores, datasets=self.store.datasets(iteration), slots=self.slots
+            iteration=iteration,
+            scores=scores,
+            datasets=self.store.datasets(iteration),
+            slots=self.slots,
+            wall_s=self.wall_seconds(iteration),
         )
 
     async def _rationalize(self, iteration: int, train: Sequence[Transcript], data: list[AgentData]) -> list[AgentData]:
@@ -458,7 +490,8 @@ class Society:
 
     async def run(self) -> list[IterationResult]:
         """Evaluate the base society, then run every finetuning iteration of the recipe."""
-        results = [IterationResult(iteration=0, scores=await self.evaluate(0), slots=self.slots)]
+        scores = await self.evaluate(0)
+        results = [IterationResult(iteration=0, scores=scores, slots=self.slots, wall_s=self.wall_seconds(0))]
         for iteration in range(1, self.recipe.finetune.iterations + 1):
             results.append(await self.iterate(iteration))
         self.store.set_meta("finished", "1")

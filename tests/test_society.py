@@ -69,6 +69,13 @@ async def test_full_mock_run_stores_everything(write_recipe: Any, tmp_path: Path
     assert set(m) == {0, 1, 2} and {"debate", "round_0", "round_1", "agent_round_0"} <= set(m[2])
     # the mock's finetuning helps, so the loop must show it (a broken selection would not)
     assert m[2]["agent_round_0"]["accuracy"] > m[0]["agent_round_0"]["accuracy"]
+    # every stage's wall time, per iteration
+    assert set(results[0].wall_s) == {"eval"} and set(results[2].wall_s) == {"train", "finetune", "eval"}
+    assert all(v > 0 for r in results for v in r.wall_s.values())
+    # a rerun with nothing left to do keeps the times of the session that did the work
+    async with Society.from_recipe(write_recipe(), run_dir=run_dir, resume=True, progress=False) as soc:
+        again = await soc.run()
+    assert [r.wall_s for r in again] == [r.wall_s for r in results]
 
 
 async def test_single_agent_and_no_critic_switches(write_recipe: Any, tmp_path: Path) -> None:
