@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from agentsoc.backend import Backend
-from agentsoc.debate import AgentSlot, Transcript, derive_seed, gather_all
+from agentsoc.debate import AgentSlot, Transcript, derive_seed, gather_all, stated_answer
 from agentsoc.tasks.base import Task
 from agentsoc.types import ChatExample, Message, Sampling
 
@@ -53,7 +53,7 @@ async def rationalize(
         reply = await backend.complete(
             slots[agent].generator, [hinted], sampling.model_copy(update={"seed": call_seed})
         )
-        parsed = task.parse_answer(reply.text)
+        parsed = stated_answer(task, reply)
         if parsed is not None and task.is_equivalent(parsed, truth):
             out[agent].append(ChatExample(messages=(prompt, Message(role="assistant", content=reply.text))))
 

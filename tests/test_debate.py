@@ -11,7 +11,7 @@ from agentsoc import tasks
 from agentsoc.debate import AgentSlot, DebateSettings, debate, debate_one, derive_seed
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks.base import Problem
-from agentsoc.types import Message, ModelRef, Sampling
+from agentsoc.types import Completion, Message, ModelRef, Sampling
 
 TASK = tasks.create("arithmetic", {})
 PROMPTS = PromptSet(
@@ -116,3 +116,23 @@ async def test_votes_per_round_and_many_problems() -> None:
     assert [t.problem.id for t in out] == [p.id for p in problems]
     assert sorted(done) == sorted(p.id for p in problems)
     assert all(t.vote.answer == "3" and len(t.round_votes) == 2 for t in out)
+
+
+async def test_a_reply_cut_off_at_max_tokens_abstains() -> None:
+    class Truncating(RecordingBackend):
+        async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+            out = await super().complete(model, messages, sampling)
+            # agent 0 always runs out of tokens in the middle of its working
+            return out.model_copy(update={"finish_reason": "length" if model.endswith("0") else "stop"})
+
+    backend = Truncating(lambda model, messages, s: "7*8 = 56 and then 5" if model.endswith("0") else "it is 61")
+    (t,) = await debate(
+        backend,
+        TASK,
+        PROMPTS,
+        slots(3),
+        [Problem(id="p", question="7*8+5", answer="61")],
+        DebateSettings(summarizer="b"),
+    )
+    assert [list(a.answers) for a in t.agents] == [[None, None], ["61", "61"], ["61", "61"]]
+    assert t.vote.answer == "61"
