@@ -1,10 +1,11 @@
 """Base single-agent accuracy of the bundled local model on Arithmetic difficulty levels.
 
-Prints one line per (pattern, operand range): accuracy ± standard error over N problems, with the
-paper's prompt at temperature 1.0 / top_p 0.9 through the ``llamacpp`` backend. Used to choose
-the difficulty of ``recipes/arithmetic-local.toml`` (target: base accuracy roughly 40-70%).
+Prints one line per (pattern, operand range): accuracy ± standard error over N problems at
+temperature 1.0 / top_p 0.9 through the ``llamacpp`` backend, with the paper's round-0 prompt or
+(``--prompt demo``) the one of ``recipes/arithmetic-local.toml``. Used to choose the demo's
+difficulty and prompt (target: base accuracy roughly 40-70%).
 
-    .venv/bin/python bench/local_difficulty.py [--n 40] [--levels "a+b:0:30,a+b*c:0:10"]
+    .venv/bin/python bench/local_difficulty.py [--n 40] [--levels "a+b:0:30,a+b*c:0:10"] [--prompt demo]
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ DEFAULT_LEVELS = (
 )
 
 
-async def measure(levels: list[tuple[str, int, int]], n: int, max_tokens: int) -> None:
+def demo_round0() -> str:
+    from agentsoc.cli import demo_recipe
+
+    return demo_recipe(quick=False).prompts["round0"]
+
+
+async def measure(levels: list[tuple[str, int, int]], n: int, max_tokens: int, round0: str | None) -> None:
     backend = create({}, Path(tempfile.mkdtemp()))
     try:
         for pattern, low, high in levels:
@@ -36,7 +43,7 @@ async def measure(levels: list[tuple[str, int, int]], n: int, max_tokens: int) -
             tokens = 0
             start = time.perf_counter()
             for i, p in enumerate(problems):
-                prompt = task.prompts.round0.replace("{question}", p.question)
+                prompt = (round0 or task.prompts.round0).replace("{question}", p.question)
                 c = await backend.complete(
                     "base",
                     [Message(role="user", content=prompt)],
@@ -62,12 +69,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--levels", default=DEFAULT_LEVELS, help="pattern:low:high, comma-separated")
+    ap.add_argument("--prompt", choices=["paper", "demo"], default="paper", help="round-0 prompt to measure")
     args = ap.parse_args()
     levels = []
     for item in args.levels.split(","):
         pattern, low, high = item.split(":")
         levels.append((pattern, int(low), int(high)))
-    asyncio.run(measure(levels, args.n, args.max_tokens))
+    asyncio.run(measure(levels, args.n, args.max_tokens, demo_round0() if args.prompt == "demo" else None))
 
 
 if __name__ == "__main__":
