@@ -4,16 +4,20 @@ The public surface is listed in ``__all__``; ``tests/test_public_api.py`` keeps 
 """
 
 from agentsoc.config import Recipe, RecipeError, load_recipe
-from agentsoc.debate import AgentSlot, DebateSettings, Transcript, debate
-from agentsoc.evaluate import Score, evaluate
+from agentsoc.debate import DebateSettings, debate
+from agentsoc.evaluate import evaluate
+from agentsoc.records import EvalScores, IterationRecord, Score
 from agentsoc.selection import AgentData, select
 from agentsoc.society import Society
+from agentsoc.transcript import AgentSlot, Transcript
 from agentsoc.vote import Vote, majority_vote
 
 __all__ = [
     "AgentData",
     "AgentSlot",
     "DebateSettings",
+    "EvalScores",
+    "IterationRecord",
     "Recipe",
     "RecipeError",
     "Score",

@@ -8,16 +8,41 @@ Errors: a backend raises :class:`TransientBackendError` for failures that the sa
 survive (429, 5xx, timeouts, dropped connections) and :class:`FatalBackendError` for those it
 cannot (bad request, auth, unknown model, a job the provider refuses). Only the retry wrapper
 retries, and only transient errors — one retry layer, never nested (DESIGN §3).
+
+What a backend can do (finetune, score, its job limits) is :class:`Capabilities` data on the
+backend, never discovered by probing it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs
 
-Capability = Literal["score", "finetune"]
+
+class Capabilities(BaseModel):
+    """What a backend can do, declared as data (in the spirit of pydantic-ai's ``ModelProfile``).
+
+    The core reads this instead of probing a backend for attributes, and wrappers forward their
+    inner backend's value, so the answer is the same whichever layer is asked.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: ``submit_finetune`` trains models (an inference-only backend raises instead)
+    finetune: bool = False
+    #: the smallest training set a job accepts (OpenAI: 10); smaller sets keep their model
+    min_finetune_examples: int = Field(default=1, ge=1)
+    #: ``score`` returns teacher-forced log-probabilities (likelihood and KL diversity metrics)
+    score: bool = False
+    #: fine-tuning jobs the backend runs at once (None: no limit of its own); the society never
+    #: has more in flight than this or the recipe's ``backend.max_active_jobs``
+    max_active_jobs: int | None = Field(default=None, ge=1)
+    #: finetuned models are adapters served on one loaded base, so ``release`` frees something
+    adapters: bool = False
 
 
 class BackendError(Exception):
@@ -36,6 +61,11 @@ class FatalBackendError(BackendError):
     """A failure that retrying cannot fix; the message names the model and the call."""
 
 
+class ModelNotFoundError(FatalBackendError):
+    """The server does not know the model a call named (HTTP 404): a wrong name or URL, a model that
+    was shut down, or an adapter a restarted server forgot — which a backend may load again."""
+
+
 class JobFailedError(BackendError):
     """A fine-tuning job ended failed or cancelled; the message quotes the provider's reason."""
 
@@ -44,17 +74,29 @@ class JobFailedError(BackendError):
         self.job = job
 
 
+def cannot_score(backend: str) -> FatalBackendError:
+    """The error ``score`` raises on a backend whose ``capabilities.score`` is false."""
+    return FatalBackendError(f"backend {backend!r} cannot score responses (no log-probabilities)")
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What every model provider implements.
 
     ``submit_finetune`` must be idempotent under ``key``: a second call with the same key returns
     the job created by the first (adopt-before-create), because a resumed run calls it again.
+    ``score`` is part of the protocol; a backend without log-probabilities declares
+    ``capabilities.score = False`` and raises :func:`cannot_score`. ``release`` says which models
+    the society will not call again (an older iteration's), so a backend serving adapters can
+    unload them; the others ignore it.
     """
 
     name: str
+    capabilities: Capabilities
 
     async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion: ...
+
+    async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs: ...
 
     async def submit_finetune(
         self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, *, key: str
@@ -62,34 +104,6 @@ class Backend(Protocol):
 
     async def poll_finetune(self, job: Job) -> Job: ...
 
+    async def release(self, models: Sequence[ModelRef]) -> None: ...
+
     async def aclose(self) -> None: ...
-
-
-@runtime_checkable
-class ScoringBackend(Backend, Protocol):
-    """Optional capability: log-probabilities of a given response (for diversity metrics)."""
-
-    async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs: ...
-
-
-def supports(backend: object, capability: Capability) -> bool:
-    """Whether ``backend`` (looking through wrappers) offers ``capability``.
-
-    Wrappers expose ``inner``; a wrapper always has a ``score`` method, so asking the wrapper
-    itself would lie about what the model behind it can do.
-    """
-    inner = getattr(backend, "inner", None)
-    if inner is not None:
-        return supports(inner, capability)
-    if capability == "score":
-        return callable(getattr(backend, "score", None))
-    return bool(getattr(backend, "can_finetune", True))
-
-
-def backend_attribute(backend: object, name: str, default: int) -> int:
-    """A backend's declared limit (e.g. ``min_finetune_examples``), looking through wrappers."""
-    inner = getattr(backend, "inner", None)
-    if inner is not None:
-        return backend_attribute(inner, name, default)
-    value = getattr(backend, name, default)
-    return int(value) if isinstance(value, int) else default

@@ -19,8 +19,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from agentsoc.atomic import write_atomic
 from agentsoc.config import Recipe, RecipeError
-from agentsoc.evaluate import PairedScore, Score, correctness, paired
+from agentsoc.evaluate import PairedScore, correctness, paired
+from agentsoc.records import Score
 
 Transform = Callable[[Recipe], Recipe]
 
@@ -271,8 +273,10 @@ async def compare(
         society = Society.from_recipe(rec, run_dir=run_dir, resume=True, progress=progress)
         async with society:
             results = await society.run()
-            last = results[-1].iteration
-            transcripts = list(society.store.transcripts(f"iter-{last}/eval").values())
+            last = results[-1]
+            if last.scores is None:
+                raise RecipeError(f"compare: method {name!r} has no held-out problems to score (task.n_test)")
+            transcripts = list(society.store.transcripts(f"iter-{last.iteration}/eval").values())
             correct[name] = correctness(transcripts, society.eval_task.is_equivalent)
             rows.append(
                 {
@@ -280,8 +284,8 @@ async def compare(
                     "label": LABELS[name],
                     "task": society.eval_task.name,
                     "run_dir": name,
-                    "iterations": last,
-                    "score": results[-1].scores["debate"],
+                    "iterations": last.iteration,
+                    "score": last.scores.debate,
                 }
             )
     out = []
@@ -294,7 +298,5 @@ async def compare(
         "reference": reference,
         "methods": [r.model_dump(mode="json") for r in out],
     }
-    tmp = out_dir / "compare.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    tmp.replace(out_dir / "compare.json")
+    write_atomic(out_dir / "compare.json", json.dumps(payload, indent=2))
     return out

@@ -19,7 +19,8 @@ from typing import Any
 
 from agentsoc.backend import BackendError
 from agentsoc.config import Recipe, RecipeError, recipe_from_dict
-from agentsoc.society import IterationResult, RunDirError, Society
+from agentsoc.records import IterationRecord
+from agentsoc.society import RunDirError, Society
 from agentsoc.store import RunStore
 from agentsoc.tasks.base import DataError
 
@@ -33,13 +34,13 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def summary_table(results: Sequence[IterationResult]) -> str:
+def summary_table(results: Sequence[IterationRecord]) -> str:
     """Held-out accuracy per iteration beside the per-round and Majority numbers, and data sizes."""
-    rounds = sorted(k for k in results[0].scores if k.startswith("round_"))
+    n_rounds = max((len(r.scores.rounds) for r in results if r.scores), default=0)
     header = [
         "iter",
         "debate (final vote)",
-        *[f"vote {r.replace('_', ' ')}" for r in rounds],
+        *[f"vote round {m}" for m in range(n_rounds)],
         "single agent",
         "examples per agent",
         "wall time (min)",
@@ -48,18 +49,20 @@ def summary_table(results: Sequence[IterationResult]) -> str:
     for r in results:
         sizes = (
             "  ".join(
-                role[:3] + " " + "/".join(str(d["size"]) for d in r.datasets if d["role"] == role)
+                role[:3] + " " + "/".join(str(d.size) for d in r.datasets if d.role == role)
                 for role in ("generator", "critic")
-                if any(d["role"] == role for d in r.datasets)
+                if any(d.role == role for d in r.datasets)
             )
             or "-"
         )
+        sc = r.scores
+        rounds = [str(sc.rounds[m]) if sc and m < len(sc.rounds) else "-" for m in range(n_rounds)]
         rows.append(
             [
                 str(r.iteration),
-                str(r.scores["debate"]),
-                *[str(r.scores[k]) for k in rounds],
-                str(r.scores["agent_round_0"]),
+                str(sc.debate) if sc else "-",
+                *rounds,
+                str(sc.single_agent) if sc else "-",
                 sizes,
                 "  ".join(f"{k} {v / 60:.1f}" for k, v in r.wall_s.items()) or "-",
             ]

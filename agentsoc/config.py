@@ -12,12 +12,16 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agentsoc.backend import Backend
+from agentsoc.options import OptionsError
 from agentsoc.types import FinetuneSpec, Sampling
+
+if TYPE_CHECKING:
+    from backends.options import BackendOptions
 
 
 class RecipeError(ValueError):
@@ -190,6 +194,7 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "<recipe>", base_dir
         recipe = Recipe.model_validate({**data, "base_dir": base_dir or Path(".")})
     except ValidationError as e:
         raise RecipeError(_format_errors(source, e)) from None
+    check_backend(recipe, source)
     return recipe
 
 
@@ -208,20 +213,33 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 # The registry lookups: the only place in the core that reaches into ``backends/`` (DESIGN §2),
-# lazily, so that importing the core never imports a backend or its SDK.
+# lazily, so that importing the core never imports a backend; the options models import no SDK.
 
 
-def check_backend_name(recipe: Recipe) -> None:
-    """Fail before anything is written when the recipe names a backend that does not exist."""
+def backend_options(recipe: Recipe) -> BackendOptions:
+    """The recipe's ``[backend.options]`` validated by the backend's own options model."""
+    import backends
+
+    return backends.parse(recipe.backend.name, recipe.backend.options)
+
+
+def check_backend(recipe: Recipe, source: str = "<recipe>") -> None:
+    """Fail before anything is written or loaded when the recipe names a backend that does not exist
+    or gives it an option it does not have; the message names the file and the field."""
     import backends
 
     if recipe.backend.name not in backends.names():
-        raise backends.UnknownBackendError(
-            f"backend.name: unknown backend {recipe.backend.name!r}; known backends: {', '.join(backends.names())}"
+        raise RecipeError(
+            f"{source}: backend.name: unknown backend {recipe.backend.name!r}; known backends: "
+            f"{', '.join(backends.names())}"
         )
+    try:
+        backend_options(recipe)
+    except OptionsError as e:
+        raise RecipeError("\n".join(f"{source}: backend.options.{p.field}: {p.problem}" for p in e.problems)) from None
 
 
 def create_backend(recipe: Recipe, run_dir: Path) -> Backend:
     import backends
 
-    return backends.create(recipe.backend.name, recipe.backend.options, run_dir)
+    return backends.create(recipe.backend.name, backend_options(recipe), run_dir)

@@ -15,29 +15,18 @@ Semantics that the reference code got wrong and we keep right:
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
 from agentsoc.backend import Backend
+from agentsoc.concurrency import gather_all
 from agentsoc.prompts import PromptSet, fill
+from agentsoc.seeds import derive_seed
 from agentsoc.tasks.base import Problem, Task
+from agentsoc.transcript import AgentSlot, AgentTrace, Transcript
 from agentsoc.types import Completion, Message, ModelRef, Sampling, Usage
-from agentsoc.vote import Vote, majority_vote
-
-T = TypeVar("T")
-
-
-class AgentSlot(BaseModel):
-    """The two models of one agent: generator (round 0) and critic (rounds ≥ 1)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    index: int
-    generator: ModelRef
-    critic: ModelRef
+from agentsoc.vote import majority_vote
 
 
 class DebateSettings(BaseModel):
@@ -76,50 +65,6 @@ def agent_id_message(agent: int, role: str) -> Message:
     agent"; the exact format is not published — this wording is our reconstruction.
     """
     return Message(role="system", content=f"You are agent {agent + 1} ({role}).")
-
-
-class AgentTrace(BaseModel):
-    """One agent's side of a debate: its whole conversation and its parsed answer per round."""
-
-    model_config = ConfigDict(frozen=True)
-
-    agent: int
-    messages: tuple[Message, ...]
-    answers: tuple[str | None, ...]
-    models: tuple[ModelRef, ...]
-
-    @property
-    def final(self) -> str | None:
-        return self.answers[-1]
-
-    @property
-    def first(self) -> str | None:
-        return self.answers[0]
-
-    def response(self, round_: int) -> str:
-        return self.messages[2 * round_ + 1].content
-
-
-class Transcript(BaseModel):
-    """Everything one debate produced for one problem."""
-
-    model_config = ConfigDict(frozen=True)
-
-    problem: Problem
-    phase: str
-    agents: tuple[AgentTrace, ...]
-    #: summaries[m-1][n] is the summary agent n received in round m (empty without summarization)
-    summaries: tuple[tuple[str, ...], ...] = ()
-    vote: Vote
-    #: the vote over round-m answers, for every round (accuracy per round, DESIGN §4)
-    round_votes: tuple[Vote, ...] = ()
-    usage: Usage = Usage()
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 31-bit seed from any parts (hash() is salted per process, so it cannot be used)."""
-    blob = "\x1f".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
 
 
 def debate_message(prompts: PromptSet, problem: Problem, others: Sequence[str], summary: str | None) -> str:
@@ -244,19 +189,3 @@ async def debate(
 
     return await gather_all([run(p) for p in problems])
 
-
-async def gather_all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run ``coros`` concurrently; on the first failure cancel the rest and raise that failure.
-
-    ``asyncio.gather`` would leave the other coroutines running (and paying) after an error;
-    a TaskGroup cancels them, and unwrapping its ExceptionGroup keeps error messages readable.
-    """
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(c) for c in coros]
-    except BaseExceptionGroup as eg:
-        first = eg.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
-    return [t.result() for t in tasks]

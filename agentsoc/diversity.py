@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from agentsoc.backend import Backend, ScoringBackend, supports
-from agentsoc.debate import Transcript, gather_all
+from agentsoc.backend import Backend
+from agentsoc.concurrency import gather_all
+from agentsoc.records import Diversity
+from agentsoc.transcript import Transcript
 from agentsoc.types import TokenLogprobs
 from agentsoc.vote import Vote
 
@@ -147,16 +149,15 @@ async def likelihood_and_kl(
 ) -> dict[str, float | None]:
     """NLL of each agent's round-0 response under the other agents' generators, and the token KL.
 
-    The caller checks ``supports(backend, "score")``.
+    The caller checks ``backend.capabilities.score``.
     """
-    scorer: ScoringBackend = backend  # type: ignore[assignment]
     # one teacher-forced pass per (problem, response author i, scoring model): p_i is shared by
     # every pair (i, j), so N² passes per problem instead of 2·N·(N−1)
     scores: dict[tuple[int, int, str], TokenLogprobs] = {}
 
     async def score_one(p: int, i: int, model: str) -> None:
         t = transcripts[p]
-        scores[(p, i, model)] = await scorer.score(model, t.agents[i].messages[:1], t.agents[i].response(0))
+        scores[(p, i, model)] = await backend.score(model, t.agents[i].messages[:1], t.agents[i].response(0))
 
     wanted: dict[tuple[int, int, str], None] = {}
     pairs = []
@@ -193,9 +194,11 @@ async def measure(
     metrics: Sequence[str] = ("consensus", "embedding", "likelihood", "kl"),
     max_scored_problems: int = 50,
     embedder: tuple[str, Embedder] | None = None,
-) -> dict[str, Any]:
+) -> Diversity:
     """Every requested diversity metric of one evaluation, with notes on what was skipped."""
-    out: dict[str, Any] = {"agents": len(transcripts[0].agents) if transcripts else 0, "notes": []}
+    agents = len(transcripts[0].agents) if transcripts else 0
+    out: dict[str, Any] = {"agents": agents}
+    notes: list[str] = []
     if "consensus" in metrics:
         c = consensus(transcripts)
         out["consensus"] = c
@@ -206,19 +209,19 @@ async def measure(
         out["embedding_dissimilarity"] = value
         out["embedder"] = name
     wanted = [m for m in ("likelihood", "kl") if m in metrics]
-    if wanted and out["agents"] >= 2:
-        if backend is not None and supports(backend, "score"):
+    if wanted and agents >= 2:
+        if backend is not None and backend.capabilities.score:
             scored = await likelihood_and_kl(backend, transcripts[:max_scored_problems], kl="kl" in wanted)
             if "likelihood" in wanted:
                 out["likelihood_nll"] = scored["likelihood_nll"]
             if "kl" in wanted:
                 out["kl"] = scored["kl"]
                 if scored["kl"] is None:
-                    out["notes"].append("kl: the backend returned no top-k distributions")
+                    notes.append("kl: the backend returned no top-k distributions")
             out["scored_problems"] = min(len(transcripts), max_scored_problems)
         else:
-            name = getattr(backend, "name", "none")
-            out["notes"].append(f"likelihood/kl: not available for backend {name} (it cannot score responses)")
-    if out["agents"] < 2:
-        out["notes"].append("one agent: pairwise diversity is undefined")
-    return out
+            name = backend.name if backend is not None else "none"
+            notes.append(f"likelihood/kl: not available for backend {name} (it cannot score responses)")
+    if agents < 2:
+        notes.append("one agent: pairwise diversity is undefined")
+    return Diversity(**out, notes=tuple(notes))

@@ -17,9 +17,11 @@ import importlib
 import math
 from dataclasses import dataclass
 
-from agentsoc.config import Recipe
+from agentsoc.config import Recipe, backend_options
+from agentsoc.debate import debate_message, summarizer_request
 from agentsoc.pricing import PRICES_NOTE, format_usd, training_cost, usage_cost
 from agentsoc.prompts import PromptSet, fill
+from agentsoc.tasks.base import Problem
 from agentsoc.types import ModelRef, Usage
 
 #: Typical answer length in tokens per task (the paper's models explain their reasoning).
@@ -85,40 +87,34 @@ def _prompts_and_problem_chars(recipe: Recipe) -> tuple[PromptSet, float, str]:
 
 
 def _shape(recipe: Recipe, prompts: PromptSet, problem_chars: float) -> _DebateShape:
-    question = "x" * int(problem_chars)
+    """Token counts of the debate's own messages (built by :mod:`agentsoc.debate`, so the estimate
+    cannot drift from what a run sends) filled with placeholder text of typical length."""
     answer = min(TYPICAL_ANSWER_TOKENS.get(recipe.task.name, 250), recipe.sampling.max_tokens)
     summary = min(SUMMARY_TOKENS, recipe.sampling.max_tokens)
-    others = recipe.society.agents - 1
-    fields = {"question": question, "a": "x" * 20, "b": "x" * 20, "c": "x" * 20, "d": "x" * 20}
-    block_answer = {**fields, "other_response": "x" * (answer * 4)}
-    summary_request = (
-        fill(prompts.summarizer_prefix, fields)
-        + fill(prompts.summarizer_block, block_answer) * others
-        + fill(prompts.summarizer_suffix, fields)
+    problem = Problem(
+        id="estimate", question="x" * int(problem_chars), fields={k: "x" * 20 for k in ("a", "b", "c", "d")}
     )
-    if recipe.society.summarize and others > 0:
-        message = fill(prompts.summary_message, {**fields, "summary": "x" * (summary * 4)})
-    elif others > 0:
-        message = (
-            fill(prompts.debate_prefix, fields)
-            + fill(prompts.debate_block, block_answer) * others
-            + fill(prompts.debate_suffix, fields)
-        )
-    else:
-        message = fill(prompts.self_only, fields)
+    others = ["x" * (answer * 4)] * (recipe.society.agents - 1)
+    summarized = recipe.society.summarize and bool(others)
+    message = debate_message(prompts, problem, others, "x" * (summary * 4) if summarized else None)
     return _DebateShape(
-        round0_prompt=_tokens(fill(prompts.round0, fields)),
+        round0_prompt=_tokens(fill(prompts.round0, problem.template_fields())),
         answer=answer,
-        summary_prompt=_tokens(summary_request),
+        summary_prompt=_tokens(summarizer_request(prompts, problem, others)),
         summary=summary,
         debate_prompt=_tokens(message),
     )
 
 
+def _batch(recipe: Recipe) -> bool:
+    """Whether chat calls go through a Batch API (half price)."""
+    return backend_options(recipe).batch_api()
+
+
 def _debate(stage: Stage, recipe: Recipe, shape: _DebateShape, problems: int, agent_model: ModelRef) -> None:
     """Add the calls, tokens and dollars of debating ``problems`` to ``stage``."""
     s = recipe.society
-    batch = bool(recipe.backend.options.get("batch", False))
+    batch = _batch(recipe)
     summarizer = s.summarizer or s.base_models()[0]
     agent_usage = Usage(prompt_tokens=shape.round0_prompt, completion_tokens=shape.answer)
     summary_usage = Usage()
@@ -214,7 +210,7 @@ def dry_run(recipe: Recipe) -> str:
     lines.insert(-1, lines[1])
     s = recipe.society
     b = recipe.backend
-    batch = bool(b.options.get("batch", False))
+    batch = _batch(recipe)
     minutes = math.ceil(total.calls / b.concurrency) * SECONDS_PER_CALL / 60
     notes = [
         f"dry run of recipe {recipe.name!r}: {s.agents} agents x {s.rounds} rounds, "

@@ -13,18 +13,8 @@ from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from agentsoc.debate import Transcript
-
-
-class Score(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    accuracy: float
-    se: float
-    n: int
-
-    def __str__(self) -> str:
-        return f"{100 * self.accuracy:.2f} ± {100 * self.se:.2f}"
+from agentsoc.records import EvalScores, Score
+from agentsoc.transcript import Transcript
 
 
 def score(correct: Sequence[bool]) -> Score:
@@ -40,28 +30,20 @@ def _right(answer: str | None, truth: str | None, is_equivalent: Callable[[str, 
     return answer is not None and truth is not None and is_equivalent(answer, truth)
 
 
-def evaluate(transcripts: Sequence[Transcript], is_equivalent: Callable[[str, str], bool]) -> dict[str, Score]:
-    """Every accuracy a debate yields, against ground truth.
-
-    ``debate``: the final-round vote (the method's prediction); ``round_<m>``: the vote over round-m
-    answers (``round_0`` is the Majority baseline of the current agents — debate does not always
-    beat voting, so both are reported); ``agent_round_0``: single answers of single agents,
-    averaged over agents (the Base baseline of the current agents).
-    """
+def evaluate(transcripts: Sequence[Transcript], is_equivalent: Callable[[str, str], bool]) -> EvalScores | None:
+    """Every accuracy a debate yields, against ground truth (see :class:`EvalScores`); ``None``
+    when there is nothing to score."""
     if not transcripts:
-        return {}
-    out: dict[str, Score] = {
-        "debate": score([_right(t.vote.answer, t.problem.answer, is_equivalent) for t in transcripts])
-    }
+        return None
     rounds = len(transcripts[0].round_votes)
-    for m in range(rounds):
-        out[f"round_{m}"] = score(
-            [_right(t.round_votes[m].answer, t.problem.answer, is_equivalent) for t in transcripts]
-        )
-    out["agent_round_0"] = score(
-        [_right(a.first, t.problem.answer, is_equivalent) for t in transcripts for a in t.agents]
+    return EvalScores(
+        debate=score([_right(t.vote.answer, t.problem.answer, is_equivalent) for t in transcripts]),
+        rounds=tuple(
+            score([_right(t.round_votes[m].answer, t.problem.answer, is_equivalent) for t in transcripts])
+            for m in range(rounds)
+        ),
+        single_agent=score([_right(a.first, t.problem.answer, is_equivalent) for t in transcripts for a in t.agents]),
     )
-    return out
 
 
 def correctness(transcripts: Sequence[Transcript], is_equivalent: Callable[[str, str], bool]) -> dict[str, bool]:

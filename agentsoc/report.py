@@ -11,12 +11,13 @@ iterations (Fig. 3) and accuracy against diversity (Fig. 4). Nothing here calls 
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentsoc.config import Recipe, load_recipe
+from agentsoc.records import DatasetRecord, IterationRecord, Score
 from agentsoc.store import RunStore
 
 MOCK_BANNER = "> **MOCK BACKEND — simulated agents; numbers say nothing about language models.**"
@@ -36,14 +37,13 @@ class ReportError(ValueError):
 
 @dataclass
 class RunSummary:
-    """What the report needs from one run directory."""
+    """What the report needs from one run directory: its recipe and its typed iteration records."""
 
     name: str
     label: str
     run_dir: Path
-    recipe: dict[str, Any]
-    metrics: dict[int, dict[str, Any]]
-    datasets: list[dict[str, Any]] = field(default_factory=list)
+    recipe: Recipe
+    records: list[IterationRecord]
     usage: list[dict[str, Any]] = field(default_factory=list)
     jobs: int = 0
     vs_reference: dict[str, Any] | None = None
@@ -56,39 +56,48 @@ class RunSummary:
 
     @property
     def task(self) -> str:
-        ev = self.recipe.get("evaluation", {}).get("task")
-        return str((ev or self.recipe["task"])["name"])
+        ev = self.recipe.evaluation.task
+        return (ev or self.recipe.task).name
 
     @property
     def backend(self) -> str:
-        return str(self.recipe.get("backend", {}).get("name", "?"))
+        return self.recipe.backend.name
+
+    @property
+    def scored(self) -> list[IterationRecord]:
+        """The iterations that were evaluated, in order."""
+        return [r for r in self.records if r.scores is not None]
 
     @property
     def iterations(self) -> list[int]:
-        return sorted(i for i, m in self.metrics.items() if "debate" in m)
+        return [r.iteration for r in self.scored]
 
-    def final(self) -> dict[str, Any] | None:
-        its = self.iterations
-        return self.metrics[its[-1]].get("debate") if its else None
+    @property
+    def datasets(self) -> list[DatasetRecord]:
+        return [d for r in self.records for d in r.datasets]
+
+    def final(self) -> Score | None:
+        scored = self.scored
+        return scored[-1].scores.debate if scored and scored[-1].scores else None
 
     def diversity(self, iteration: int, key: str) -> float | None:
-        value = self.metrics.get(iteration, {}).get("diversity", {}).get(key)
+        div = next((r.diversity for r in self.records if r.iteration == iteration), None)
+        value = getattr(div, key, None) if div is not None else None
         return None if value is None else float(value)
 
 
 def load_run(run_dir: Path, name: str | None = None, label: str | None = None) -> RunSummary:
     if not (run_dir / "run.sqlite").exists():
         raise ReportError(f"{run_dir}: not an agentsoc run directory (no run.sqlite)")
-    recipe = tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))
+    recipe = load_recipe(run_dir / "recipe.toml")
     store = RunStore.open(run_dir)
     try:
         return RunSummary(
-            name=name or str(recipe.get("name", run_dir.name)),
-            label=label or str(recipe.get("name", run_dir.name)),
+            name=name or recipe.name,
+            label=label or recipe.name,
             run_dir=run_dir,
             recipe=recipe,
-            metrics=store.metrics(),
-            datasets=store.datasets(),
+            records=store.iterations(),
             usage=store.usage(),
             jobs=len(store.jobs()),
         )
@@ -107,10 +116,8 @@ def load_compare(out_dir: Path) -> tuple[list[RunSummary], dict[str, Any]]:
 
 
 # -- tables ---------------------------------------------------------------------------------------
-def fmt(score: dict[str, Any] | None) -> str:
-    if not score:
-        return "–"
-    return f"{100 * score['accuracy']:.2f} ± {100 * score['se']:.2f}"
+def fmt(score: Score | None) -> str:
+    return "–" if score is None else str(score)
 
 
 def _num(v: float | None, digits: int = 3) -> str:
@@ -124,8 +131,8 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _shape_of(r: RunSummary) -> str:
-    soc, ev = r.recipe["society"], r.recipe.get("evaluation", {})
-    return f"{ev.get('agents') or soc.get('agents', 3)} × {ev.get('rounds') or soc.get('rounds', 2)}"
+    soc, ev = r.recipe.society, r.recipe.evaluation
+    return f"{ev.agents or soc.agents} × {ev.rounds or soc.rounds}"
 
 
 def table1(runs: Sequence[RunSummary], reference: str | None = None) -> str:
@@ -137,7 +144,7 @@ def table1(runs: Sequence[RunSummary], reference: str | None = None) -> str:
     cell_run = {(r.label, r.col): r for r in runs}
     best = {}
     for t in tasks:
-        accs = [f["accuracy"] for r in runs if r.col == t and (f := r.final())]
+        accs = [f.accuracy for r in runs if r.col == t and (f := r.final())]
         best[t] = max(accs) if accs else None
     single = len(tasks) == 1
     header = ["Method", *tasks]
@@ -152,7 +159,8 @@ def table1(runs: Sequence[RunSummary], reference: str | None = None) -> str:
             run = cell_run.get((label, t))
             f = run.final() if run else None
             cell = fmt(f)
-            if f and best[t] is not None and abs(f["accuracy"] - best[t]) < 1e-12:
+            top = best[t]
+            if f and top is not None and abs(f.accuracy - top) < 1e-12:
                 cell = f"**{cell}**"
             cells.append(cell)
         row = [label, *cells]
@@ -171,18 +179,23 @@ def table1(runs: Sequence[RunSummary], reference: str | None = None) -> str:
 
 
 def iteration_table(run: RunSummary) -> str:
-    its = run.iterations
-    rounds = sorted({k for i in its for k in run.metrics[i] if k.startswith("round_")}, key=lambda k: int(k[6:]))
-    header = ["iter", "debate (final vote)", *[f"vote {k.replace('_', ' ')}" for k in rounds], "single agent"]
+    scored = run.scored
+    n_rounds = max((len(r.scores.rounds) for r in scored if r.scores), default=0)
+    header = ["iter", "debate (final vote)", *[f"vote round {m}" for m in range(n_rounds)], "single agent"]
     header += [label for _, label in DIVERSITY]
     header.append("wall time (min)")
     rows = []
-    for i in its:
-        m = run.metrics[i]
-        row = [str(i), fmt(m.get("debate")), *[fmt(m.get(k)) for k in rounds], fmt(m.get("agent_round_0"))]
-        row += [_num(run.diversity(i, key)) for key, _ in DIVERSITY]
-        walls = {k.removeprefix("wall_s/"): v for k, v in m.items() if k.startswith("wall_s/")}
-        row.append(", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items()) or "–")
+    for r in scored:
+        sc = r.scores
+        assert sc is not None
+        row = [
+            str(r.iteration),
+            fmt(sc.debate),
+            *[fmt(sc.rounds[m] if m < len(sc.rounds) else None) for m in range(n_rounds)],
+        ]
+        row.append(fmt(sc.single_agent))
+        row += [_num(run.diversity(r.iteration, key)) for key, _ in DIVERSITY]
+        row.append(", ".join(f"{k} {v / 60:.1f}" for k, v in r.wall_s.items()) or "–")
         rows.append(row)
     return md_table(header, rows)
 
@@ -190,22 +203,15 @@ def iteration_table(run: RunSummary) -> str:
 def dataset_table(run: RunSummary) -> str:
     if not run.datasets:
         return "_no finetuning data (no finetuning iterations)_"
-    by: dict[tuple[int, str], list[int]] = {}
-    for d in run.datasets:
-        by.setdefault((d["iteration"], d["role"]), []).append(d["size"])
-    its = sorted({i for i, _ in by})
     rows = []
-    for i in its:
-        gen, cri = by.get((i, "generator"), []), by.get((i, "critic"), [])
-        label = run.metrics.get(i, {}).get("label_accuracy")
+    for rec in run.records:
+        if not rec.datasets:
+            continue
+        gen = [str(d.size) for d in rec.datasets if d.role == "generator"]
+        cri = [str(d.size) for d in rec.datasets if d.role == "critic"]
+        rationalized = "–" if rec.rationalized is None else str(list(rec.rationalized))
         rows.append(
-            [
-                str(i),
-                " / ".join(map(str, gen)) or "–",
-                " / ".join(map(str, cri)) or "–",
-                fmt(label),
-                str(run.metrics.get(i, {}).get("rationalized", "–")),
-            ]
+            [str(rec.iteration), " / ".join(gen) or "–", " / ".join(cri) or "–", fmt(rec.label_accuracy), rationalized]
         )
     header = ["iter", "generator examples per agent", "critic examples per agent", "vote = truth on train"]
     header.append("STaR rationalized")
@@ -229,15 +235,11 @@ def usage_table(run: RunSummary) -> str:
 
 def _notes(runs: Sequence[RunSummary]) -> list[str]:
     notes: list[str] = []
-    embedders = {
-        str(m["diversity"]["embedder"])
-        for r in runs
-        for m in r.metrics.values()
-        if isinstance(m.get("diversity"), dict) and m["diversity"].get("embedder")
-    }
+    diversities = [rec.diversity for r in runs for rec in r.records if rec.diversity is not None]
+    embedders = {d.embedder for d in diversities if d.embedder}
     if embedders:
         notes.append(f"Embedding dissimilarity computed with: {', '.join(sorted(embedders))}.")
-    seen = {n for r in runs for m in r.metrics.values() for n in (m.get("diversity") or {}).get("notes", [])}
+    seen = {n for d in diversities for n in d.notes}
     notes += sorted(seen)
     if any(r.name.startswith("cooperative") for r in runs):
         from agentsoc.baselines import COOPERATIVE_NOTE
@@ -282,37 +284,47 @@ def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def _accuracy_series(run: RunSummary) -> dict[str, list[tuple[int, Score]]]:
+    """One run's accuracy curves: the final vote, the vote of every round, the single agent."""
+    out: dict[str, list[tuple[int, Score]]] = {"final vote (debate)": []}
+    for rec in run.scored:
+        sc = rec.scores
+        assert sc is not None
+        out["final vote (debate)"].append((rec.iteration, sc.debate))
+        for m, s in enumerate(sc.rounds):
+            label = "vote round 0 (Majority)" if m == 0 else f"vote round {m}"
+            out.setdefault(label, []).append((rec.iteration, s))
+    out["single agent"] = [(rec.iteration, rec.scores.single_agent) for rec in run.scored if rec.scores]
+    return out
+
+
 def plot_accuracy(runs: Sequence[RunSummary], path: Path) -> Path:
     """Fig. 1 style: accuracy over finetuning iterations with SE error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 4.8))
     if len(runs) == 1:
-        run = runs[0]
-        its = run.iterations
-        keys = ["debate", *sorted({k for i in its for k in run.metrics[i] if k.startswith("round_")}), "agent_round_0"]
-        names = {"debate": "final vote (debate)", "round_0": "vote round 0 (Majority)", "agent_round_0": "single agent"}
-        for n, k in enumerate(dict.fromkeys(keys)):
-            pts = [(i, run.metrics[i][k]) for i in its if k in run.metrics[i]]
+        series = _accuracy_series(runs[0])
+        for n, (label, pts) in enumerate(series.items()):
             ax.errorbar(
                 [i + 0.02 * n for i, _ in pts],
-                [100 * s["accuracy"] for _, s in pts],
-                yerr=[100 * s["se"] for _, s in pts],
+                [100 * s.accuracy for _, s in pts],
+                yerr=[100 * s.se for _, s in pts],
                 capsize=3,
                 **_style(2 * n),
-                label=names.get(k, "vote " + k.replace("_", " ")),
+                label=label,
             )
     else:
         flat = [r for r in runs if len(r.iterations) <= 1]
         max_it = max((r.iterations[-1] for r in runs if r.iterations), default=0)
         curves = [r for r in runs if len(r.iterations) > 1]
         for n, r in enumerate(curves):
-            pts = [(i, r.metrics[i]["debate"]) for i in r.iterations]
+            pts = [(rec.iteration, rec.scores.debate) for rec in r.scored if rec.scores]
             # a small sideways offset per method keeps overlapping curves and error bars visible
             dx = 0.025 * (n - (len(curves) - 1) / 2)
             ax.errorbar(
                 [i + dx for i, _ in pts],
-                [100 * s["accuracy"] for _, s in pts],
-                yerr=[100 * s["se"] for _, s in pts],
+                [100 * s.accuracy for _, s in pts],
+                yerr=[100 * s.se for _, s in pts],
                 capsize=3,
                 label=r.label,
                 **_style(n),
@@ -321,7 +333,7 @@ def plot_accuracy(runs: Sequence[RunSummary], path: Path) -> Path:
             f = r.final()
             if f:
                 ax.axhline(
-                    100 * f["accuracy"],
+                    100 * f.accuracy,
                     linestyle=_DASHES[n % len(_DASHES)],
                     linewidth=1.2,
                     color=_style(len(curves) + n)["color"],
@@ -393,9 +405,9 @@ def plot_accuracy_vs_diversity(runs: Sequence[RunSummary], path: Path) -> Path |
     fig, ax = plt.subplots(figsize=(9, 4.8))
     for n, r in enumerate(chosen):
         pts = [
-            (v, 100 * r.metrics[i]["debate"]["accuracy"], i)
-            for i in r.iterations
-            if (v := r.diversity(i, "embedding_dissimilarity")) is not None
+            (v, 100 * rec.scores.debate.accuracy, rec.iteration)
+            for rec in r.scored
+            if rec.scores and (v := r.diversity(rec.iteration, "embedding_dissimilarity")) is not None
         ]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label, **_style(n))
         for x, y, i in pts:
@@ -464,7 +476,7 @@ def render_run(run_dir: Path, *, plots: bool = True) -> Path:
     lines = _header([run], f"Report — {run.name}")
     lines += [
         f"Task: **{run.task}** · backend: **{run.backend}** · agents × rounds: "
-        f"{run.recipe['society'].get('agents')} × {run.recipe['society'].get('rounds')}",
+        f"{run.recipe.society.agents} × {run.recipe.society.rounds}",
         "",
     ]
     lines += _run_sections(run)

@@ -25,7 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from agentsoc.debate import Transcript, derive_seed
+from agentsoc.seeds import derive_seed
+from agentsoc.transcript import Transcript
 from agentsoc.types import ChatExample, Message
 
 

@@ -20,44 +20,34 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import get_args
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from agentsoc.backend import Backend, JobFailedError, backend_attribute
-from agentsoc.config import Recipe, RecipeError, check_backend_name, create_backend, load_recipe
-from agentsoc.debate import AgentSlot, DebateSettings, Transcript, agent_id_message, debate, gather_all
+from agentsoc.atomic import write_atomic, write_lines_atomic
+from agentsoc.backend import Backend, JobFailedError
+from agentsoc.concurrency import gather_all
+from agentsoc.config import Recipe, RecipeError, check_backend, create_backend, load_recipe
+from agentsoc.debate import DebateSettings, agent_id_message, debate
 from agentsoc.diversity import measure
-from agentsoc.evaluate import Score, evaluate
+from agentsoc.evaluate import evaluate
 from agentsoc.prompts import PromptSet
+from agentsoc.records import DatasetRecord, EvalScores, IterationRecord, Role, Stage
 from agentsoc.selection import AgentData, select
 from agentsoc.star import rationalize
-from agentsoc.store import RunStore, export_jsonl
+from agentsoc.store import RunStore
 from agentsoc.tasks.base import Problem, Split, Task
-from agentsoc.types import ChatExample, Job, JobState, Message, ModelRef
+from agentsoc.transcript import AgentSlot, Transcript
+from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef
 from agentsoc.vote import Vote
 from agentsoc.wrappers import compose, current_stage
 
-ROLES = ("generator", "critic")
+ROLES: tuple[Role, ...] = get_args(Role)
 
 
 class RunDirError(ValueError):
     """The run directory cannot be used as asked (not empty without --resume, another recipe)."""
-
-
-class IterationResult(BaseModel):
-    """What one iteration produced: held-out scores and the data each agent was trained on."""
-
-    model_config = ConfigDict(frozen=True)
-
-    iteration: int
-    scores: dict[str, Score]
-    datasets: list[dict[str, Any]] = []
-    slots: list[AgentSlot] = []
-    #: wall-clock seconds per stage ("train", "finetune", "eval") in the session that did its work
-    wall_s: dict[str, float] = {}
 
 
 def resolve_prompts(task: Task, overrides: dict[str, str], source: str = "recipe") -> PromptSet:
@@ -79,9 +69,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool) -> None:
             raise RunDirError(f"run directory {run_dir} has no run.sqlite: it is not an agentsoc run")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = recipe_file.with_suffix(".tmp")
-    tmp.write_text(tomli_w.dumps(recipe.to_toml_dict()), encoding="utf-8")
-    tmp.replace(recipe_file)
+    write_atomic(recipe_file, tomli_w.dumps(recipe.to_toml_dict()))
 
 
 class Society:
@@ -115,6 +103,8 @@ class Society:
         self._backend: Backend | None = None
         base = recipe.society.base_models()
         self.slots: list[AgentSlot] = [AgentSlot(index=n, generator=m, critic=m) for n, m in enumerate(base)]
+        #: the finetuning iteration that made the current slots (0: the base models)
+        self.slots_iteration = 0
         self.summarizer: ModelRef = recipe.society.summarizer or base[0]
         # the held-out side: the training task's test split, or another task's (zero-shot transfer)
         ev = recipe.evaluation
@@ -156,7 +146,7 @@ class Society:
             eval_task = tasks.create(ev.name, ev.options, base_dir=rec.base_dir)
             resolve_prompts(eval_task, rec.evaluation.prompts or {}, "evaluation")
             eval_split = eval_task.load(ev.n_train, ev.n_test, rec.seed)
-        check_backend_name(rec)
+        check_backend(rec)
         fresh = not rdir.exists()
         prepare_run_dir(rdir, rec, resume=resume)
         try:
@@ -276,16 +266,14 @@ class Society:
             self.store.put_transcript(t)
             bar.update(1)
 
-        token = current_stage.set(phase)
         try:
-            with self._timed(phase, work=bool(todo)):
+            with self._stage(phase, work=bool(todo)):
                 await debate(self.backend, task, prompts, slots, todo, settings, on_done=finished)
         finally:
-            current_stage.reset(token)
             bar.close()
         done = self.store.transcripts(phase)
         transcripts = [done[p.id] for p in problems]
-        export_jsonl([t.model_dump_json() for t in transcripts], self._phase_file(phase))
+        write_lines_atomic(self._phase_file(phase), [t.model_dump_json() for t in transcripts])
         return transcripts
 
     def _phase_file(self, phase: str) -> Path:
@@ -310,41 +298,53 @@ class Society:
             data = [_with_ids(d) for d in data]
         return data
 
-    def _write_datasets(self, iteration: int, data: Sequence[AgentData]) -> dict[tuple[str, str], list[ChatExample]]:
+    def _write_datasets(self, iteration: int, data: Sequence[AgentData]) -> dict[tuple[str, Role], list[ChatExample]]:
         """Export each agent's datasets and return the training sets keyed by (agent, role).
 
         With ``single_agent`` the agents' sets are pooled into one per role (agent ``all``).
         """
-        roles = ROLES if self.recipe.society.critic else ("generator",)
-        out: dict[tuple[str, str], list[ChatExample]] = {}
+        roles: tuple[Role, ...] = ROLES if self.recipe.society.critic else ("generator",)
+        out: dict[tuple[str, Role], list[ChatExample]] = {}
         for d in data:
             for role in roles:
                 examples = list(d.generator if role == "generator" else d.critic)
                 path = self.run_dir / f"iter-{iteration}" / "data" / f"agent-{d.agent}-{role}.jsonl"
-                export_jsonl([json.dumps(e.to_openai(), ensure_ascii=False) for e in examples], path)
-                stats: dict[str, Any] = {}
-                if role == "critic":
-                    stats = {
-                        "critic_minus": d.critic_minus,
-                        "critic_plus_available": d.critic_plus_available,
-                        "critic_plus_used": d.critic_plus_used,
-                    }
-                self.store.put_dataset(iteration, d.agent, role, len(examples), path, stats)
-                agent_key = "all" if self.recipe.finetune.single_agent else str(d.agent)
+                write_lines_atomic(path, [json.dumps(e.to_openai(), ensure_ascii=False) for e in examples])
+                critic = role == "critic"
+                self.store.put_dataset(
+                    DatasetRecord(
+                        iteration=iteration,
+                        agent=d.agent,
+                        role=role,
+                        size=len(examples),
+                        path=str(path.relative_to(self.run_dir)),
+                        critic_minus=d.critic_minus if critic else None,
+                        critic_plus_available=d.critic_plus_available if critic else None,
+                        critic_plus_used=d.critic_plus_used if critic else None,
+                    )
+                )
+                agent_key = self._agent_key(d.agent)
                 out.setdefault((agent_key, role), []).extend(examples)
         return out
 
     async def finetune(self, iteration: int, data: Sequence[AgentData]) -> list[AgentSlot]:
-        """One job per agent and role, all submitted at once; returns the new slots.
+        """One job per agent and role, all submitted at once; installs and returns the new slots.
 
         A role whose dataset is below ``selection.min_examples`` (or the backend's own minimum,
         e.g. OpenAI's 10) keeps its current model; at most ``backend.max_active_jobs`` jobs run
-        at once.
+        at once. The slots are installed here, not by the caller, so a following
+        :meth:`evaluate` can only score the models this iteration made; models no slot uses any
+        more are released (a backend serving adapters unloads them).
         """
+        if iteration != self.slots_iteration + 1:
+            raise RuntimeError(
+                f"finetune({iteration}): the society holds the models of iteration {self.slots_iteration}; "
+                f"iteration {self.slots_iteration + 1} comes next"
+            )
         sets = self._write_datasets(iteration, data)
-        floor = max(self.recipe.selection.min_examples, backend_attribute(self.backend, "min_finetune_examples", 1))
-        cap = self.recipe.backend.max_active_jobs
-        active = asyncio.Semaphore(cap or len(sets) or 1)
+        floor = max(self.recipe.selection.min_examples, self.backend.capabilities.min_finetune_examples)
+        caps = [c for c in (self.recipe.backend.max_active_jobs, self.backend.capabilities.max_active_jobs) if c]
+        active = asyncio.Semaphore(min(caps) if caps else len(sets) or 1)
         base_models = self.recipe.society.base_models()
         spec = self.recipe.finetune.spec
         bar = tqdm(
@@ -374,43 +374,49 @@ class Society:
             bar.update(1)
             return agent_key, role, job.result
 
-        token = current_stage.set(f"iter-{iteration}/finetune")
         try:
-            with self._timed(f"iter-{iteration}/finetune", work=any(self.store.get_job(k) is None for k in keys)):
+            with self._stage(f"iter-{iteration}/finetune", work=any(self.store.get_job(k) is None for k in keys)):
                 results = await gather_all([one(a, r, ex) for (a, r), ex in sets.items()])
         finally:
-            current_stage.reset(token)
             bar.close()
         new = {(a, r): m for a, r, m in results if m is not None}
-        slots = []
-        for slot in self.slots:
-            agent_key = "all" if self.recipe.finetune.single_agent else str(slot.index)
-            slots.append(
-                AgentSlot(
-                    index=slot.index,
-                    generator=new.get((agent_key, "generator"), slot.generator),
-                    critic=new.get((agent_key, "critic"), slot.critic),
-                )
+        previous = self.slots
+        self.slots = [
+            AgentSlot(
+                index=slot.index,
+                generator=new.get((self._agent_key(slot.index), "generator"), slot.generator),
+                critic=new.get((self._agent_key(slot.index), "critic"), slot.critic),
             )
-        return slots
+            for slot in previous
+        ]
+        self.slots_iteration = iteration
+        in_use = {m for slot in self.slots for m in (slot.generator, slot.critic)}
+        keep = in_use | {self.summarizer, *base_models}
+        await self.backend.release(sorted({m for s in previous for m in (s.generator, s.critic)} - keep))
+        return list(self.slots)
+
+    def _agent_key(self, index: int) -> str:
+        """The agent a job trains for: its index, or ``all`` for the one shared model."""
+        return "all" if self.recipe.finetune.single_agent else str(index)
 
     @contextlib.contextmanager
-    def _timed(self, phase: str, *, work: bool) -> Iterator[None]:
-        """Record the wall time of ``phase`` (``iter-1/train``) when this session does its work.
-
-        A resumed stage with nothing left to do keeps the time measured when it was done.
-        """
+    def _stage(self, phase: str, *, work: bool = True) -> Iterator[None]:
+        """Run ``phase`` (``iter-1/train``) as the current stage: its calls are metered under its name,
+        and the wall time of a timed stage (:data:`~agentsoc.records.Stage`) is recorded when this
+        session does its work — a resumed stage with nothing left to do keeps the time measured
+        when it was done."""
+        token = current_stage.set(phase)
         start = time.perf_counter()
-        yield
-        match = re.fullmatch(r"iter-(\d+)/(.+)", phase)
+        try:
+            yield
+        finally:
+            current_stage.reset(token)
+        match = re.fullmatch(r"iter-(\d+)/(train|finetune|eval)", phase)
         if work and match:
-            self.store.put_metric(int(match[1]), f"wall_s/{match[2]}", time.perf_counter() - start)
+            stage: Stage = match[2]  # type: ignore[assignment]
+            self.store.put_wall_time(int(match[1]), stage, time.perf_counter() - start)
 
-    def wall_seconds(self, iteration: int) -> dict[str, float]:
-        metrics = self.store.metrics().get(iteration, {})
-        return {k.removeprefix("wall_s/"): float(v) for k, v in metrics.items() if k.startswith("wall_s/")}
-
-    async def _run_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: Any) -> Job:
+    async def _run_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec) -> Job:
         job = self.store.get_job(key)
         if job is None:
             job = await self.backend.submit_finetune(base, examples, spec, key=key)
@@ -426,52 +432,50 @@ class Society:
             raise JobFailedError(job, f"fine-tuning job {job.id} for {key} failed: {reason}")
         return job
 
-    async def evaluate(self, iteration: int) -> dict[str, Score]:
-        """Debate the held-out problems with the current slots, score the votes, measure diversity."""
+    async def evaluate(self, iteration: int) -> EvalScores | None:
+        """Debate the held-out problems with the current slots, score the votes, measure diversity.
+
+        ``iteration`` must be the one whose models the society holds (:meth:`finetune` installs
+        them): storing the base models' scores as a later iteration's would be a silent lie.
+        """
+        if iteration != self.slots_iteration:
+            raise RuntimeError(
+                f"evaluate({iteration}): the society holds the models of iteration {self.slots_iteration}; "
+                f"run finetune({iteration}, data) first"
+            )
         transcripts = await self.debate(self.eval_problems, f"iter-{iteration}/eval", evaluation=True)
         scores = evaluate(transcripts, self.eval_task.is_equivalent)
-        for name, sc in scores.items():
-            self.store.put_metric(iteration, name, sc.model_dump())
-        self.store.put_metric(iteration, "slots", [s.model_dump() for s in self.slots])
+        if scores is not None:
+            self.store.put_scores(iteration, scores)
+        self.store.put_slots(iteration, self.slots)
         ev = self.recipe.evaluation
         # a resumed run has the same transcripts, hence the same diversity: do not pay for scoring twice
-        stored = self.store.metrics().get(iteration, {}).get("diversity")
-        if ev.diversity and transcripts and stored is None:
-            token = current_stage.set(f"iter-{iteration}/diversity")
-            try:
+        if ev.diversity and transcripts and self.store.iteration(iteration).diversity is None:
+            with self._stage(f"iter-{iteration}/diversity"):
                 div = await measure(
                     transcripts, self.backend, metrics=ev.diversity, max_scored_problems=ev.diversity_problems
                 )
-            finally:
-                current_stage.reset(token)
-            self.store.put_metric(iteration, "diversity", div)
+            self.store.put_diversity(iteration, div)
         return scores
 
-    async def iterate(self, iteration: int) -> IterationResult:
+    async def iterate(self, iteration: int) -> IterationRecord:
         """One finetuning iteration: debate the training problems, select, finetune, evaluate."""
         train = await self.debate(self.split.train, f"iter-{iteration}/train")
         labelled = [t for t in train if t.vote.answer is not None]
         label_acc = evaluate(labelled, self.task.is_equivalent)
-        if label_acc:
+        if label_acc is not None:
             # How often the vote (the pseudo-label) matched ground truth: diagnostics only.
-            self.store.put_metric(iteration, "label_accuracy", label_acc["debate"].model_dump())
+            self.store.put_label_accuracy(iteration, label_acc.debate)
         data = self.select(train)
         if self.recipe.selection.rationalize:
             data = await self._rationalize(iteration, train, data)
-        self.slots = await self.finetune(iteration, data)
-        scores = await self.evaluate(iteration)
-        return IterationResult(
-            iteration=iteration,
-            scores=scores,
-            datasets=self.store.datasets(iteration),
-            slots=self.slots,
-            wall_s=self.wall_seconds(iteration),
-        )
+        await self.finetune(iteration, data)
+        await self.evaluate(iteration)
+        return self.store.iteration(iteration)
 
     async def _rationalize(self, iteration: int, train: Sequence[Transcript], data: list[AgentData]) -> list[AgentData]:
         """STaR: add each agent's rationalized examples (hint-free prompt → rationale) to its D^G."""
-        token = current_stage.set(f"iter-{iteration}/rationalize")
-        try:
+        with self._stage(f"iter-{iteration}/rationalize"):
             extra = await rationalize(
                 self.backend,
                 self.task,
@@ -481,17 +485,15 @@ class Society:
                 seed=self.recipe.seed,
                 phase=f"iter-{iteration}/rationalize",
             )
-        finally:
-            current_stage.reset(token)
-        self.store.put_metric(iteration, "rationalized", [len(e) for e in extra])
+        self.store.put_rationalized(iteration, [len(e) for e in extra])
         if self.recipe.society.unique_id:
             extra = [[_prepend(ex, agent_id_message(n, "generator")) for ex in e] for n, e in enumerate(extra)]
         return [d.model_copy(update={"generator": d.generator + tuple(extra[d.agent])}) for d in data]
 
-    async def run(self) -> list[IterationResult]:
+    async def run(self) -> list[IterationRecord]:
         """Evaluate the base society, then run every finetuning iteration of the recipe."""
-        scores = await self.evaluate(0)
-        results = [IterationResult(iteration=0, scores=scores, slots=self.slots, wall_s=self.wall_seconds(0))]
+        await self.evaluate(0)
+        results = [self.store.iteration(0)]
         for iteration in range(1, self.recipe.finetune.iterations + 1):
             results.append(await self.iterate(iteration))
         self.store.set_meta("finished", "1")

@@ -14,8 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from agentsoc.backend import Backend
-from agentsoc.debate import AgentSlot, Transcript, derive_seed, gather_all, stated_answer
+from agentsoc.concurrency import gather_all
+from agentsoc.debate import stated_answer
+from agentsoc.seeds import derive_seed
 from agentsoc.tasks.base import Task
+from agentsoc.transcript import AgentSlot, Transcript
 from agentsoc.types import ChatExample, Message, Sampling
 
 HINT = (

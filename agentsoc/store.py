@@ -12,11 +12,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from agentsoc.debate import Transcript
+from agentsoc.records import DatasetRecord, Diversity, EvalScores, IterationRecord, Score, Stage
+from agentsoc.transcript import AgentSlot, Transcript
 from agentsoc.types import Completion, Job
 
 _SCHEMA = """
@@ -116,21 +117,21 @@ class RunStore:
         return [r[0] for r in self._rows("SELECT DISTINCT phase FROM transcripts ORDER BY phase")]
 
     # -- datasets -------------------------------------------------------------------------------
-    def put_dataset(self, iteration: int, agent: int, role: str, size: int, path: Path, stats: dict[str, Any]) -> None:
+    def put_dataset(self, record: DatasetRecord) -> None:
         self._write(
             "INSERT OR REPLACE INTO datasets (iteration, agent, role, size, path, stats) VALUES (?,?,?,?,?,?)",
-            (iteration, agent, role, size, str(path.relative_to(self.run_dir)), json.dumps(stats)),
+            (record.iteration, record.agent, record.role, record.size, record.path, record.model_dump_json()),
         )
 
-    def datasets(self, iteration: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT iteration, agent, role, size, path, stats FROM datasets"
+    def datasets(self, iteration: int | None = None) -> list[DatasetRecord]:
+        sql = "SELECT stats FROM datasets"
         params: tuple[Any, ...] = ()
         if iteration is not None:
             sql += " WHERE iteration = ?"
             params = (iteration,)
         return [
-            {"iteration": i, "agent": a, "role": r, "size": s, "path": p, **json.loads(st)}
-            for i, a, r, s, p, st in self._rows(sql + " ORDER BY iteration, agent, role", params)
+            DatasetRecord.model_validate_json(r[0])
+            for r in self._rows(sql + " ORDER BY iteration, agent, role", params)
         ]
 
     # -- jobs -----------------------------------------------------------------------------------
@@ -147,18 +148,44 @@ class RunStore:
     def jobs(self) -> list[Job]:
         return [Job.model_validate_json(r[0]) for r in self._rows("SELECT data FROM jobs ORDER BY key")]
 
-    # -- metrics --------------------------------------------------------------------------------
-    def put_metric(self, iteration: int, name: str, value: Any) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO metrics (iteration, name, value) VALUES (?,?,?)",
-            (iteration, name, json.dumps(value)),
-        )
+    # -- iteration records ----------------------------------------------------------------------
+    # Each part of an iteration's record is written when it is known (a resumed run may write the
+    # scores of an iteration whose slots an earlier session wrote); the keys never leave this class.
+    def _put(self, iteration: int, name: str, value: str) -> None:
+        self._write("INSERT OR REPLACE INTO metrics (iteration, name, value) VALUES (?,?,?)", (iteration, name, value))
 
-    def metrics(self) -> dict[int, dict[str, Any]]:
-        out: dict[int, dict[str, Any]] = {}
+    def put_scores(self, iteration: int, scores: EvalScores) -> None:
+        self._put(iteration, "scores", scores.model_dump_json())
+
+    def put_label_accuracy(self, iteration: int, score: Score) -> None:
+        self._put(iteration, "label_accuracy", score.model_dump_json())
+
+    def put_slots(self, iteration: int, slots: Sequence[AgentSlot]) -> None:
+        self._put(iteration, "slots", json.dumps([s.model_dump() for s in slots]))
+
+    def put_wall_time(self, iteration: int, stage: Stage, seconds: float) -> None:
+        self._put(iteration, f"wall_s/{stage}", json.dumps(seconds))
+
+    def put_diversity(self, iteration: int, diversity: Diversity) -> None:
+        self._put(iteration, "diversity", diversity.model_dump_json())
+
+    def put_rationalized(self, iteration: int, counts: Sequence[int]) -> None:
+        self._put(iteration, "rationalized", json.dumps(list(counts)))
+
+    def iteration(self, iteration: int) -> IterationRecord:
+        """The record of one iteration (empty parts where nothing was stored yet)."""
+        rows = self._rows("SELECT name, value FROM metrics WHERE iteration = ?", (iteration,))
+        return _record(iteration, dict(rows), self.datasets(iteration))
+
+    def iterations(self) -> list[IterationRecord]:
+        """Every iteration that stored anything, in order."""
+        by: dict[int, dict[str, str]] = {}
         for it, name, value in self._rows("SELECT iteration, name, value FROM metrics ORDER BY iteration, name"):
-            out.setdefault(int(it), {})[name] = json.loads(value)
-        return out
+            by.setdefault(int(it), {})[name] = value
+        datasets: dict[int, list[DatasetRecord]] = {}
+        for d in self.datasets():
+            datasets.setdefault(d.iteration, []).append(d)
+        return [_record(i, by.get(i, {}), datasets.get(i, [])) for i in sorted(set(by) | set(datasets))]
 
     # -- usage ----------------------------------------------------------------------------------
     def add_usage(self, stage: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -179,11 +206,19 @@ class RunStore:
         ]
 
 
-def export_jsonl(rows: Iterator[str] | list[str], path: Path) -> None:
-    """Write one JSON document per line, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(row + "\n")
-    tmp.replace(path)
+def _record(iteration: int, parts: dict[str, str], datasets: Sequence[DatasetRecord]) -> IterationRecord:
+    wall = {
+        stage: float(json.loads(parts[f"wall_s/{stage}"])) for stage in get_args(Stage) if f"wall_s/{stage}" in parts
+    }
+    return IterationRecord.model_validate(
+        {
+            "iteration": iteration,
+            "scores": json.loads(parts["scores"]) if "scores" in parts else None,
+            "label_accuracy": json.loads(parts["label_accuracy"]) if "label_accuracy" in parts else None,
+            "slots": json.loads(parts.get("slots", "[]")),
+            "wall_s": wall,
+            "diversity": json.loads(parts["diversity"]) if "diversity" in parts else None,
+            "rationalized": json.loads(parts["rationalized"]) if "rationalized" in parts else None,
+            "datasets": [d.model_dump() for d in datasets],
+        }
+    )

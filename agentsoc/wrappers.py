@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from agentsoc.backend import Backend, ScoringBackend, TransientBackendError, supports
+from agentsoc.backend import Backend, TransientBackendError
 from agentsoc.store import RunStore
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs
 
@@ -35,6 +35,7 @@ class _Wrapper:
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
+        self.capabilities = inner.capabilities
 
     async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
         return await self.inner.complete(model, messages, sampling)
@@ -48,10 +49,10 @@ class _Wrapper:
         return await self.inner.poll_finetune(job)
 
     async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
-        if not supports(self.inner, "score"):
-            raise NotImplementedError(f"backend {self.name!r} cannot score responses (no log-probabilities)")
-        inner: ScoringBackend = self.inner  # type: ignore[assignment]
-        return await inner.score(model, messages, response)
+        return await self.inner.score(model, messages, response)
+
+    async def release(self, models: Sequence[ModelRef]) -> None:
+        await self.inner.release(models)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -1,8 +1,9 @@
-"""Backend registry: a recipe names a backend, this module builds it.
+"""Backend registry: a recipe names a backend, this module validates its options and builds it.
 
-Each factory imports its SDK lazily, so importing this module (or the core) never pulls in
-openai, llama_cpp or torch. ``options`` is the recipe's ``[backend.options]`` table; ``run_dir``
-is where a backend may keep state that must survive a restart (uploaded files, local jobs).
+Each entry pairs the backend's options model (:mod:`backends.options`, no SDK) with its factory
+(imported only when the backend is built), so importing this module — or validating a recipe —
+never pulls in openai, llama_cpp, torch or vLLM. ``run_dir`` is where a backend may keep state
+that must survive a restart (uploaded files, local jobs, a server's log).
 """
 
 from __future__ import annotations
@@ -10,19 +11,34 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agentsoc.backend import Backend
+from agentsoc.options import parse_options
+from backends.options import (
+    AutoOptions,
+    BackendOptions,
+    LlamaCppOptions,
+    LocalOptions,
+    MockOptions,
+    OpenAIOptions,
+)
 
-Factory = Callable[[Mapping[str, Any], Path], Backend]
+Factory = Callable[[Any, Path], Backend]
 
-#: name -> "module:function"; the function has the :data:`Factory` signature.
-_REGISTRY: dict[str, str] = {
-    "mock": "backends.mock:create",
-    "llamacpp": "backends.llamacpp:create",
-    "local": "backends.local:create",
-    "auto": "backends.local:create_auto",
-    "openai": "backends.openai:create",
+
+class Entry(NamedTuple):
+    options: type[BackendOptions]
+    #: "module:function"; the function takes the validated options and the run directory
+    factory: str
+
+
+_REGISTRY: dict[str, Entry] = {
+    "mock": Entry(MockOptions, "backends.mock:create"),
+    "llamacpp": Entry(LlamaCppOptions, "backends.llamacpp:create"),
+    "local": Entry(LocalOptions, "backends.local:create"),
+    "auto": Entry(AutoOptions, "backends.local:create_auto"),
+    "openai": Entry(OpenAIOptions, "backends.openai:create"),
 }
 
 
@@ -34,11 +50,32 @@ class UnknownBackendError(ValueError):
     pass
 
 
-def create(name: str, options: Mapping[str, Any], run_dir: Path) -> Backend:
-    """Build the backend called ``name``; an unknown name is an error that lists the known ones."""
-    target = _REGISTRY.get(name)
-    if target is None:
+def _entry(name: str) -> Entry:
+    entry = _REGISTRY.get(name)
+    if entry is None:
         raise UnknownBackendError(f"unknown backend {name!r}; known backends: {', '.join(names())}")
-    module_name, func_name = target.split(":")
+    return entry
+
+
+def options_model(name: str) -> type[BackendOptions]:
+    """The options model of backend ``name`` (an unknown name lists the known ones)."""
+    return _entry(name).options
+
+
+def parse(name: str, options: Mapping[str, Any]) -> BackendOptions:
+    """``options`` validated for backend ``name``; raises :class:`agentsoc.options.OptionsError`."""
+    return parse_options(f"backend '{name}'", options_model(name), options)
+
+
+def create(name: str, options: Mapping[str, Any] | BackendOptions, run_dir: Path) -> Backend:
+    """Build the backend called ``name`` from its (raw or validated) options."""
+    entry = _entry(name)
+    if isinstance(options, BackendOptions):
+        if not isinstance(options, entry.options):
+            raise TypeError(f"backend {name!r} takes {entry.options.__name__}, not {type(options).__name__}")
+        typed = options
+    else:
+        typed = parse(name, options)
+    module_name, func_name = entry.factory.split(":")
     factory: Factory = getattr(importlib.import_module(module_name), func_name)
-    return factory(options, run_dir)
+    return factory(typed, run_dir)

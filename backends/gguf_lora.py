@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from agentsoc.atomic import temp_path
+
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 
@@ -129,7 +131,7 @@ def write_gguf_adapter(
 ) -> Path:
     gguf = _gguf()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = temp_path(out_path)
     writer = gguf.GGUFWriter(str(tmp), arch=arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(name)

@@ -1,6 +1,6 @@
-"""Local LoRA finetuning on CPU with transformers + peft, run as a job queue like a remote API.
+"""Local LoRA finetuning on CPU with transformers + peft: loss masks and the trainer.
 
-Three layers, each usable alone:
+Two layers, each usable alone:
 
 - :func:`build_example` — tokens and per-token loss weights of one chat example, rendered with the
   model's own chat template (the same template llama.cpp uses at inference). Only assistant
@@ -11,14 +11,8 @@ Three layers, each usable alone:
   ``gguf_file=``) across jobs; per job it injects fresh LoRA modules (or the previous adapter's
   weights, for continued finetuning), trains, saves the PEFT adapter, converts it to a GGUF LoRA
   adapter for llama.cpp (:mod:`backends.gguf_lora`) and removes the LoRA modules again.
-- :class:`LocalJobs` — one worker thread, one job at a time (the ``local`` backend's runner hands
-  each job to a long-lived training subprocess, :class:`backends.local.TrainProcess`); every job lives in
-  ``run_dir/local-jobs/<safe key>/`` (``state.json``, ``examples.jsonl``, ``spec.json``,
-  ``train.log`` with the loss per step, ``peft/``, ``adapter.gguf``). ``submit`` with a key that
-  already has a directory adopts it: a succeeded job is returned as it is (its adapter is reused
-  after a process restart); a failed one stays failed (submit under a new key to retry); a
-  queued or running one whose process is gone restarts training **from scratch** (no mid-job
-  checkpoints: a job is a few minutes of CPU).
+
+The job queue that runs the trainer like a remote API is :mod:`backends.local_jobs`.
 
 Full finetuning (``method = "full"``) is refused: llama.cpp serves LoRA adapters on the one
 quantised base, and a full model would need a 1 GB f16 GGUF export per agent and role.
@@ -26,27 +20,21 @@ quantised base, and a full model would need a 1 GB f16 GGUF export per agent and
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import queue
 import random
-import re
 import sys
-import threading
 import time
-import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agentsoc.backend import FatalBackendError
-from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef
+from agentsoc.types import ChatExample, FinetuneSpec, Message
 from backends.llamacpp import cpu_flags, usable_cpus
+from backends.options import DEFAULT_TARGETS
 
 HF_PIP = "pip install 'agentsoc[local,hf]'   (torch==2.13.0, transformers, peft, gguf)"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 #: render(messages as dicts, add_generation_prompt) -> text
 Render = Callable[[list[dict[str, str]], bool], str]
@@ -347,224 +335,3 @@ def _gguf_chat_template(path: Path) -> str | None:
     if f is None:
         return None
     return bytes(f.parts[f.data[0]]).decode("utf-8")
-
-
-# --------------------------------------------------------------------------- job queue
-
-
-def safe_key(key: str) -> str:
-    """A directory name for a job key: readable, and unique thanks to a short hash."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:80] or "job"
-    return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-
-
-@dataclass
-class JobRecord:
-    key: str
-    id: str
-    base: ModelRef
-    state: JobState = JobState.QUEUED
-    result: ModelRef | None = None
-    error: str | None = None
-    progress: float | None = None
-    events: list[str] = field(default_factory=list)
-    trained_tokens: int | None = None
-    created_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-
-    def to_job(self, backend: str) -> Job:
-        return Job(
-            key=self.key,
-            backend=backend,
-            id=self.id,
-            base=self.base,
-            state=self.state,
-            result=self.result,
-            error=self.error,
-            progress=self.progress,
-            events=tuple(self.events[-20:]),
-            trained_tokens=self.trained_tokens,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        d = self.__dict__.copy()
-        d["state"] = self.state.value
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> JobRecord:
-        known = set(cls.__dataclass_fields__)
-        data = {k: v for k, v in d.items() if k in known}
-        data["state"] = JobState(data.get("state", "queued"))
-        return cls(**data)
-
-
-#: run one job: (job dir, base ref, examples, spec, step callback, event callback) -> result ModelRef
-Runner = Callable[[Path, ModelRef, list[ChatExample], FinetuneSpec, Callable[[int, int, float], None]], ModelRef]
-
-
-class LocalJobs:
-    """Fine-tuning jobs persisted under ``root``, run one at a time by a worker thread."""
-
-    def __init__(self, root: Path, runner: Runner, *, backend_name: str = "local") -> None:
-        self.root = root
-        self.runner = runner
-        self.backend_name = backend_name
-        self._records: dict[str, JobRecord] = {}
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self._enqueued: set[str] = set()
-
-    def job_dir(self, key: str) -> Path:
-        return self.root / safe_key(key)
-
-    # ---- persistence
-
-    def _save(self, rec: JobRecord) -> None:
-        d = self.job_dir(rec.key)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f"state.json.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps(rec.to_json(), indent=2))
-        tmp.replace(d / "state.json")
-
-    def _load(self, key: str) -> JobRecord | None:
-        path = self.job_dir(key) / "state.json"
-        if not path.is_file():
-            return None
-        return JobRecord.from_json(json.loads(path.read_text()))
-
-    def _event(self, rec: JobRecord, text: str) -> None:
-        rec.events.append(f"{time.strftime('%H:%M:%S')} {text}")
-        del rec.events[:-50]
-
-    # ---- API
-
-    def submit(self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, key: str) -> Job:
-        with self._lock:
-            rec = self._records.get(key) or self._load(key)
-            if rec is not None:
-                self._records[key] = rec
-                self._restart_orphan(rec)
-                return rec.to_job(self.backend_name)
-            d = self.job_dir(key)
-            d.mkdir(parents=True, exist_ok=True)
-            with (d / "examples.jsonl").open("w") as f:
-                for ex in examples:
-                    f.write(json.dumps(ex.to_openai()) + "\n")
-            (d / "spec.json").write_text(spec.model_dump_json(indent=2))
-            rec = JobRecord(key=key, id=f"local-{d.name}", base=base)
-            self._event(rec, f"queued: {len(examples)} examples")
-            self._records[key] = rec
-            self._save(rec)
-            self._enqueue(key)
-            return rec.to_job(self.backend_name)
-
-    def poll(self, job: Job) -> Job:
-        with self._lock:
-            rec = self._records.get(job.key) or self._load(job.key)
-            if rec is None:
-                raise FatalBackendError(f"no local fine-tuning job with key {job.key!r} under {self.root}")
-            self._records[job.key] = rec
-            # a resumed run polls the jobs it recorded without submitting them again
-            self._restart_orphan(rec)
-            return rec.to_job(self.backend_name)
-
-    def _restart_orphan(self, rec: JobRecord) -> None:
-        """An unfinished job that no worker of this process owns: its process is gone, so train
-        it again from scratch with the inputs saved in its directory (caller holds the lock)."""
-        if rec.state in (JobState.QUEUED, JobState.RUNNING) and rec.key not in self._enqueued:
-            rec.state, rec.progress = JobState.QUEUED, 0.0
-            self._event(rec, "adopted an unfinished job after a restart; training restarts from scratch")
-            self._save(rec)
-            self._enqueue(rec.key)
-
-    def _enqueue(self, key: str) -> None:
-        self._enqueued.add(key)
-        self._queue.put(key)
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._work, name="agentsoc-local-train", daemon=True)
-            self._worker.start()
-
-    def close(self, timeout: float | None = None) -> None:
-        if self._worker is not None and self._worker.is_alive():
-            self._queue.put(None)
-            self._worker.join(timeout)
-
-    def wait_idle(self, timeout: float | None = None) -> None:
-        """Block until every queued job has finished (tests, benchmarks)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                busy = bool(self._enqueued)
-            if not busy:
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("local fine-tuning jobs still running")
-            time.sleep(0.1)
-
-    # ---- worker
-
-    def _work(self) -> None:
-        while True:
-            key = self._queue.get()
-            if key is None:
-                return
-            try:
-                self._run(key)
-            finally:
-                with self._lock:
-                    self._enqueued.discard(key)
-
-    def _run(self, key: str) -> None:
-        d = self.job_dir(key)
-        with self._lock:
-            rec = self._records[key]
-            rec.state, rec.progress = JobState.RUNNING, 0.0
-            self._event(rec, "running")
-            self._save(rec)
-        log = d / "train.log"
-        log.write_text("")
-        started = time.perf_counter()
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            with log.open("a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "total": total,
-                            "loss": round(loss, 5),
-                            "elapsed_s": round(time.perf_counter() - started, 2),
-                        }
-                    )
-                    + "\n"
-                )
-            with self._lock:
-                rec.progress = step / total
-                self._event(rec, f"step {step}/{total} loss {loss:.4f}")
-                self._save(rec)
-
-        try:
-            examples = [
-                ChatExample(messages=tuple(Message(**m) for m in json.loads(line)["messages"]))
-                for line in (d / "examples.jsonl").read_text().splitlines()
-                if line.strip()
-            ]
-            spec = FinetuneSpec.model_validate_json((d / "spec.json").read_text())
-            result = self.runner(d, rec.base, examples, spec, on_step)
-        except Exception as exc:
-            with self._lock:
-                rec.state, rec.error, rec.finished_at = JobState.FAILED, f"{type(exc).__name__}: {exc}", time.time()
-                self._event(rec, "failed")
-                (d / "error.txt").write_text(traceback.format_exc())
-                self._save(rec)
-            return
-        with self._lock:
-            rec.state, rec.result, rec.progress, rec.finished_at = JobState.SUCCEEDED, result, 1.0, time.time()
-            try:
-                rec.trained_tokens = int(json.loads((d / "result.json").read_text()).get("trained_tokens", 0))
-            except (OSError, ValueError):
-                rec.trained_tokens = None
-            self._event(rec, f"succeeded in {time.perf_counter() - started:.0f} s")
-            self._save(rec)

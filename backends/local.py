@@ -4,22 +4,11 @@
 (or the GGUF of ``model_path``) served by :mod:`backends.llamacpp`, with fine-tuning jobs run by
 :mod:`backends.hf` in a background thread and served as GGUF LoRA adapters on the same base.
 
-Recipe options (``[backend.options]``), all optional:
-
-- ``model`` — bundled model name (``qwen2.5-coder-0.5b-instruct``); ``model_path`` — your own GGUF
-  (a chat model with a template in its metadata); ``hf_dir`` — a transformers folder of the same
-  model for training (otherwise the GGUF is dequantised, ~1 min per process).
-- inference: ``n_ctx`` (4096 tokens per sequence), ``parallel`` (8 sequences decoded together),
-  ``n_threads``, ``n_batch``, ``extra_buffers``, ``top_logprobs`` (see
-  :class:`backends.llamacpp.LlamaOptions`).
-- training: ``train_threads``, ``lora_targets`` (default q/k/v/o projections), ``hf_cache`` (keep a
-  float32 transformers copy of the GGUF in the cache dir: ~2.5 GB, saves the minute of dequantising),
-  ``train_bf16`` (bfloat16 autocast; default on where the CPU has native bf16),
-  ``train_in_process`` (false: jobs run in one long-lived training subprocess, see :class:`TrainProcess`).
+Recipe options: :class:`backends.options.LocalOptions` (the llama.cpp inference options plus
+the trainer's); ``auto`` takes :class:`backends.options.AutoOptions`.
 
 ``auto``: the OpenAI backend when ``OPENAI_API_KEY`` is set, otherwise ``local``; it says which
-on stderr. Options may hold an ``[backend.options.openai]`` and a ``[backend.options.local]``
-table for each side; keys outside them go to whichever is chosen.
+on stderr.
 """
 
 from __future__ import annotations
@@ -31,14 +20,17 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agentsoc.backend import Backend, FatalBackendError
+from agentsoc.backend import Backend, Capabilities, FatalBackendError
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs
-from backends.hf import DEFAULT_TARGETS, HF_PIP, LocalJobs, LoraTrainer, TrainerOptions
-from backends.llamacpp import LlamaCppBackend, LlamaOptions, adapter_ref, split_ref
+from backends.hf import HF_PIP, LoraTrainer, TrainerOptions
+from backends.llamacpp import LlamaCppBackend
+from backends.local_jobs import LocalJobs
+from backends.options import AutoOptions, LocalOptions
+from backends.refs import adapter_ref, split_ref
 
 
 def peft_dir_of(adapter_gguf: Path) -> Path:
@@ -173,7 +165,7 @@ class LocalBackend:
     """llama.cpp for ``complete``/``score``; a local job queue for ``submit/poll_finetune``."""
 
     name = "local"
-    can_finetune = True
+    capabilities = Capabilities(finetune=True, score=True, adapters=True)
 
     def __init__(self, llama: LlamaCppBackend, jobs: LocalJobs, trainer: LoraTrainer | None = None) -> None:
         self.llama = llama
@@ -202,6 +194,9 @@ class LocalBackend:
     async def poll_finetune(self, job: Job) -> Job:
         return self.jobs.poll(job)
 
+    async def release(self, models: Sequence[ModelRef]) -> None:
+        await self.llama.release(models)
+
     async def aclose(self) -> None:
         # a running training job is not waited for: its state stays "running" on disk and a
         # resumed run restarts it (LocalJobs docs)
@@ -211,38 +206,35 @@ class LocalBackend:
         await self.llama.aclose()
 
 
-def create(options: Mapping[str, Any], run_dir: Path) -> LocalBackend:
+def create(options: LocalOptions, run_dir: Path) -> LocalBackend:
     from backends import bundled
 
-    model = str(options.get("model", bundled.DEFAULT_MODEL))
-    path = bundled.resolve_model_path(options.get("model_path"), model)
-    llama = LlamaCppBackend(path, model_name=model, options=LlamaOptions.from_options(options))
-    hf_dir = options.get("hf_dir")
+    path = bundled.resolve_model_path(options.model_path, options.model)
+    llama = LlamaCppBackend(path, model_name=options.model, options=options)
     trainer_options = TrainerOptions(
         model_path=path,
-        hf_dir=Path(hf_dir).expanduser() if hf_dir else None,
-        threads=options.get("train_threads"),
-        lora_targets=tuple(options.get("lora_targets", DEFAULT_TARGETS)),
-        hf_cache=bool(options.get("hf_cache", True)),
-        bf16=options.get("train_bf16"),
+        hf_dir=options.hf_dir.expanduser() if options.hf_dir else None,
+        threads=options.train_threads,
+        lora_targets=options.lora_targets,
+        hf_cache=options.hf_cache,
+        bf16=options.train_bf16,
     )
-    if options.get("train_in_process", False):
+    if options.train_in_process:
         trainer = LoraTrainer(trainer_options)
         return LocalBackend(llama, LocalJobs(run_dir / "local-jobs", make_runner(trainer, path)), trainer)
     return LocalBackend(llama, LocalJobs(run_dir / "local-jobs", TrainProcess(trainer_options, path)))
 
 
-def create_auto(options: Mapping[str, Any], run_dir: Path) -> Backend:
+def create_auto(options: AutoOptions, run_dir: Path) -> Backend:
     """OpenAI when ``OPENAI_API_KEY`` is set, else the local fallback; prints which to stderr."""
-    common = {k: v for k, v in options.items() if k not in ("openai", "local")}
     if os.environ.get("OPENAI_API_KEY"):
         print("agentsoc: backend 'auto' -> openai (OPENAI_API_KEY is set)", file=sys.stderr)
         factory = importlib.import_module("backends.openai").create
-        backend: Backend = factory({**common, **dict(options.get("openai", {}))}, run_dir)
+        backend: Backend = factory(options.openai, run_dir)
         return backend
     print(
         "agentsoc: backend 'auto' -> local (no OPENAI_API_KEY): bundled Qwen2.5-Coder-0.5B-Instruct on CPU "
         "via llama.cpp, LoRA finetuning with transformers+peft",
         file=sys.stderr,
     )
-    return create({**common, **dict(options.get("local", {}))}, run_dir)
+    return create(options.local, run_dir)

@@ -47,7 +47,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agentsoc.backend import FatalBackendError
+from agentsoc.atomic import write_atomic
+from agentsoc.backend import Capabilities, FatalBackendError
 from agentsoc.types import (
     ChatExample,
     Completion,
@@ -60,6 +61,7 @@ from agentsoc.types import (
     TokenLogprobs,
     Usage,
 )
+from backends.options import MockOptions
 
 _EXPR = re.compile(r"-?\d+(?:\s*[-+*]\s*-?\d+)+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -197,6 +199,7 @@ class MockBackend:
     """The Backend over :class:`MockBrain`, with optional file-backed server state."""
 
     name = "mock"
+    capabilities = Capabilities(finetune=True, score=True)
 
     def __init__(
         self,
@@ -236,9 +239,7 @@ class MockBackend:
         self._jobs[rec["id"]] = rec
         path = self._job_path(rec["id"])
         if path is not None:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rec))
-            tmp.replace(path)
+            write_atomic(path, json.dumps(rec))
 
     def _load(self, job_id: str) -> dict[str, Any] | None:
         path = self._job_path(job_id)
@@ -323,30 +324,29 @@ class MockBackend:
             progress=1.0,
         )
 
+    async def release(self, models: Sequence[ModelRef]) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 
 
-def create(options: Mapping[str, Any], run_dir: Path) -> MockBackend:
-    """Recipe options: ``state_dir`` (relative to the run dir), ``latency_s``, ``polls_to_finish``,
-    ``fail_jobs``.
+def create(options: MockOptions, run_dir: Path) -> MockBackend:
+    """The mock from its recipe options (:class:`backends.options.MockOptions`).
 
-    The crash-test hooks come from the environment, not the recipe, so that the resumed run of a
-    killed test run uses the very same recipe: ``AGENTSOC_MOCK_DIE_AFTER_CALLS`` and
-    ``AGENTSOC_MOCK_DIE_AFTER_POLLS`` make the process SIGKILL itself at that point.
+    The simulated server's jobs live in ``state_dir`` inside the run directory by default, so a
+    run stopped during fine-tuning resumes like one on a real provider. The crash-test hooks come
+    from the environment, not the recipe, so that the resumed run of a killed test run uses the
+    very same recipe: ``AGENTSOC_MOCK_DIE_AFTER_CALLS`` and ``AGENTSOC_MOCK_DIE_AFTER_POLLS`` make
+    the process SIGKILL itself at that point.
     """
-    known = {"state_dir", "latency_s", "polls_to_finish", "fail_jobs"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"backend 'mock': unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    state_dir = options.get("state_dir")
     die_calls = os.environ.get("AGENTSOC_MOCK_DIE_AFTER_CALLS")
     die_polls = os.environ.get("AGENTSOC_MOCK_DIE_AFTER_POLLS")
     return MockBackend(
-        state_dir=(run_dir / str(state_dir)) if state_dir else None,
-        latency_s=float(options.get("latency_s", 0.0)),
-        polls_to_finish=int(options.get("polls_to_finish", 2)),
+        state_dir=run_dir / options.state_dir,
+        latency_s=options.latency_s,
+        polls_to_finish=options.polls_to_finish,
         die_after_calls=int(die_calls) if die_calls else None,
         die_after_polls=int(die_polls) if die_polls else None,
-        fail_jobs=bool(options.get("fail_jobs", False)),
+        fail_jobs=options.fail_jobs,
     )

@@ -33,11 +33,30 @@ from openai.types import FileObject, Model
 from openai.types.chat import ChatCompletion
 from openai.types.fine_tuning import FineTuningJob
 
-from agentsoc.backend import BackendError, FatalBackendError, TransientBackendError
-from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, JobState, Message, ModelRef, Sampling, Usage
+from agentsoc.backend import (
+    BackendError,
+    Capabilities,
+    FatalBackendError,
+    ModelNotFoundError,
+    TransientBackendError,
+    cannot_score,
+)
+from agentsoc.types import (
+    ChatExample,
+    Completion,
+    FinetuneSpec,
+    Job,
+    JobState,
+    Message,
+    ModelRef,
+    Sampling,
+    TokenLogprobs,
+    Usage,
+)
 from backends.openai_batch import Batcher
 from backends.openai_files import MIN_EXAMPLES, JsonRecord, content_hash, describe, safe_name, training_jsonl, validate
 from backends.openai_files import expect as _expect
+from backends.options import OpenAIOptions
 
 #: After this day OpenAI accepts no new fine-tuning jobs from anyone (ecosystem.md finding 1).
 NO_NEW_JOBS_AFTER = dt.date(2027, 1, 6)
@@ -89,8 +108,7 @@ class OpenAIBackend:
     """The Backend over the OpenAI API (or any OpenAI-compatible server for inference)."""
 
     name = "openai"
-    can_finetune = True
-    min_finetune_examples = MIN_EXAMPLES
+    capabilities = Capabilities(finetune=True, min_finetune_examples=MIN_EXAMPLES)
 
     def __init__(
         self,
@@ -145,6 +163,7 @@ class OpenAIBackend:
                 text += (
                     f" (a model that was shut down answers 404 — e.g. gpt-3.5-turbo-0125 on 2026-10-23; {_LOCAL_HINT})"
                 )
+                return ModelNotFoundError(text)
             return FatalBackendError(text)
         if isinstance(e, openai.APITimeoutError):
             return TransientBackendError(self.scrub(f"openai {call} for model {model}: timed out"))
@@ -368,58 +387,47 @@ class OpenAIBackend:
             trained_tokens=remote.trained_tokens,
         )
 
+    async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
+        raise cannot_score(self.name)
+
+    async def release(self, models: Sequence[ModelRef]) -> None:
+        return None
+
     async def aclose(self) -> None:
         if self._batcher is not None:
             await self._batcher.aclose()
         await self.client.close()
 
 
-_OPTIONS = {
-    "base_url",
-    "api_key_env",
-    "timeout_s",
-    "batch",
-    "batch_window_s",
-    "batch_poll_s",
-    "organization",
-    "project",
-    "weight_support",
-}
+def create(options: OpenAIOptions, run_dir: Path) -> OpenAIBackend:
+    """The backend from its recipe options (:class:`backends.options.OpenAIOptions`).
 
-
-def create(options: Mapping[str, Any], run_dir: Path) -> OpenAIBackend:
-    """Recipe options (``[backend.options]``): ``base_url``, ``api_key_env`` (default
-    ``OPENAI_API_KEY``; the key itself never belongs in a recipe), ``timeout_s``, ``batch``,
-    ``batch_window_s``, ``batch_poll_s``, ``organization``, ``project``, ``weight_support``.
-
-    A local server (``base_url`` set) needs no key; the hosted API does. With ``batch``, a call waits
+    The key comes from the environment variable ``api_key_env`` names, never from the recipe. A
+    local server (``base_url`` set) needs no key; the hosted API does. With ``batch``, a call waits
     in its batch while holding a slot of ``backend.concurrency``, so one batch holds at most that
     many requests: raise it (e.g. to 5000) to put a whole debate round into one batch.
     """
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise ValueError(f"backend 'openai': unknown option {unknown[0]!r} (known: {', '.join(sorted(_OPTIONS))})")
-    env = str(options.get("api_key_env", "OPENAI_API_KEY"))
-    base_url = options.get("base_url")
-    key = os.environ.get(env, "")
+    key = os.environ.get(options.api_key_env, "")
     if not key:
-        if base_url is None:
-            raise ValueError(f"backend 'openai': the environment variable {env} holding the API key is not set")
+        if options.base_url is None:
+            raise ValueError(
+                f"backend 'openai': the environment variable {options.api_key_env} holding the API key is not set"
+            )
         key = "not-needed"  # local OpenAI-compatible servers ignore the key but the SDK wants one
     client = AsyncOpenAI(
         api_key=key,
-        base_url=str(base_url) if base_url is not None else None,
-        organization=options.get("organization"),
-        project=options.get("project"),
-        timeout=float(options.get("timeout_s", 120.0)),
+        base_url=options.base_url,
+        organization=options.organization,
+        project=options.project,
+        timeout=options.timeout_s,
         max_retries=0,
     )
     return OpenAIBackend(
         client,
         run_dir=run_dir,
         secret=key,
-        batch=bool(options.get("batch", False)),
-        batch_window_s=float(options.get("batch_window_s", 2.0)),
-        batch_poll_s=float(options.get("batch_poll_s", 30.0)),
-        weight_support=bool(options.get("weight_support", True)),
+        batch=options.batch,
+        batch_window_s=options.batch_window_s,
+        batch_poll_s=options.batch_poll_s,
+        weight_support=options.weight_support,
     )

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agentsoc.atomic import write_atomic
 from agentsoc.backend import FatalBackendError, TransientBackendError
 from agentsoc.types import ChatExample, ModelRef
 
@@ -120,10 +120,7 @@ class JsonRecord:
         return data
 
     def save(self, data: Mapping[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def content_hash(data: bytes) -> str:

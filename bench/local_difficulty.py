@@ -20,6 +20,7 @@ from pathlib import Path
 from agentsoc.tasks import arithmetic
 from agentsoc.types import Message, Sampling
 from backends.llamacpp import create
+from backends.options import LlamaCppOptions
 
 DEFAULT_LEVELS = (
     "a+b:0:30,a-b:0:30,a+b-c:0:30,a+b+c:0:30,a*b:0:10,a+b*c:0:10,a*b+c:0:10,a*b-c:0:10,a*b:0:30,a+b*c:0:30,"
@@ -34,7 +35,7 @@ def demo_round0() -> str:
 
 
 async def measure(levels: list[tuple[str, int, int]], n: int, max_tokens: int, round0: str | None) -> None:
-    backend = create({}, Path(tempfile.mkdtemp()))
+    backend = create(LlamaCppOptions(), Path(tempfile.mkdtemp()))
     try:
         for pattern, low, high in levels:
             task = arithmetic.create({"pattern": pattern, "low": low, "high": high})

@@ -26,7 +26,9 @@ import numpy as np
 from agentsoc.tasks import arithmetic
 from agentsoc.types import Message, Sampling
 from backends import bundled
-from backends.llamacpp import LlamaCppBackend, LlamaOptions, _construct_llama, adapter_ref, cpu_has_amx
+from backends.llamacpp import LlamaCppBackend, _construct_llama, cpu_has_amx
+from backends.options import LlamaCppOptions
+from backends.refs import adapter_ref
 
 
 def prompts(n: int) -> list[str]:
@@ -107,7 +109,7 @@ async def main_async(n: int, max_tokens: int, n_threads: int, parallel: int) -> 
         f"raw llama-cpp-python : load {r_load:5.2f} s   {r_tok} tokens in {r_secs:6.1f} s = {r_tok / r_secs:5.1f} tok/s"
     )
 
-    backend = LlamaCppBackend(path, model_name="qwen", options=LlamaOptions(n_threads=n_threads, parallel=parallel))
+    backend = LlamaCppBackend(path, model_name="qwen", options=LlamaCppOptions(n_threads=n_threads, parallel=parallel))
     backend.load()
     raw_rate = r_tok / r_secs
     b_secs, b_tok = await through_backend(backend, texts, max_tokens, ["qwen"], concurrent=False)

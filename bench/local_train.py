@@ -18,6 +18,7 @@ from typing import Any
 from agentsoc.tasks import arithmetic
 from agentsoc.types import ChatExample, FinetuneSpec, JobState, Message
 from backends.local import create
+from backends.options import LocalOptions
 
 
 def examples(n: int) -> list[ChatExample]:
@@ -54,7 +55,7 @@ async def run_job(backend: Any, base: str, data: list[ChatExample], spec: Finetu
 
 async def main_async(n: int, epochs: int, batch: int) -> None:
     run_dir = Path(tempfile.mkdtemp())
-    backend = create({}, run_dir)
+    backend = create(LocalOptions(), run_dir)
     data = examples(n)
     spec = FinetuneSpec(epochs=epochs, batch_size=batch, learning_rate=3e-4)
     first, t1 = await run_job(backend, "qwen", data, spec, "bench/iter-0/agent-0/generator")

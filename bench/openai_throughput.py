@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fakes.fake_openai import FakeOpenAI  # noqa: E402
 
-from agentsoc.debate import AgentSlot, DebateSettings, debate  # noqa: E402
+from agentsoc.debate import DebateSettings, debate  # noqa: E402
 from agentsoc.tasks import create as create_task  # noqa: E402
+from agentsoc.transcript import AgentSlot  # noqa: E402
 from agentsoc.wrappers import Limited  # noqa: E402
 from backends.openai import create as create_backend  # noqa: E402
 

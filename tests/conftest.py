@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import tomli_w
 
-from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, Usage
+from agentsoc.backend import Capabilities, cannot_score
+from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs, Usage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +19,7 @@ class RecordingBackend:
     """Answers every call with a scripted function and records what it was asked."""
 
     name = "recording"
+    capabilities = Capabilities()
 
     def __init__(self, reply: Any) -> None:
         self.reply = reply
@@ -34,6 +36,12 @@ class RecordingBackend:
 
     async def poll_finetune(self, job: Job) -> Job:
         raise NotImplementedError
+
+    async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
+        raise cannot_score(self.name)
+
+    async def release(self, models: Sequence[ModelRef]) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None

@@ -147,11 +147,12 @@ async def test_star_selects_by_ground_truth_and_rationalizes_without_the_hint(
 
     store = RunStore.open(run_dir)
     try:
-        m = store.metrics()
+        rationalized = store.iteration(1).rationalized
+        assert rationalized is not None
         train = store.transcripts("iter-1/train")
-        assert sum(m[1]["rationalized"]) > 0
+        assert sum(rationalized) > 0
         hinted = [r for r in seen if "Hint: the correct answer is" in r[-1]["content"]]
-        assert len(hinted) >= sum(m[1]["rationalized"])  # wrong agents were re-asked with the answer as a hint
+        assert len(hinted) >= sum(rationalized)  # wrong agents were re-asked with the answer as a hint
         assert not any(j.key.endswith("/critic") for j in store.jobs())  # one round: no critic data
         truths = {t.problem.question: t.problem.answer for t in train.values()}
     finally:
@@ -165,7 +166,7 @@ async def test_star_selects_by_ground_truth_and_rationalizes_without_the_hint(
         assert assistant.rstrip(".}").endswith(str(truths[question]))
     # more examples than the agents' own correct answers: rationalization added some
     own_right = sum(1 for t in train.values() for a in t.agents if a.first is not None and a.first == t.problem.answer)
-    assert len(examples) == own_right + sum(m[1]["rationalized"])
+    assert len(examples) == own_right + sum(rationalized)
 
 
 async def test_majority_ft_has_no_critic_data_and_votes_independent_samples(tmp_path: Path) -> None:
@@ -175,7 +176,7 @@ async def test_majority_ft_has_no_critic_data_and_votes_independent_samples(tmp_
 
     store = RunStore.open(run_dir)
     try:
-        assert all(d["size"] == 0 for d in store.datasets() if d["role"] == "critic")
+        assert all(d.size == 0 for d in store.datasets() if d.role == "critic")
         assert [j.key.rsplit("/", 2)[1:] for j in store.jobs()] == [["agent-all", "generator"]]
         assert all(len(a.answers) == 1 for t in store.transcripts("iter-1/eval").values() for a in t.agents)
     finally:
@@ -216,7 +217,8 @@ async def test_compare_runs_methods_on_the_same_problems_and_resumes(tmp_path: P
 
     store = RunStore.open(out / "ours")
     try:
-        assert store.metrics()[0]["debate"] == by["debate"].score.model_dump()  # same problems, same seeds
+        scores = store.iteration(0).scores
+        assert scores is not None and scores.debate == by["debate"].score  # same problems, same seeds
         eval_ids = set(store.transcripts("iter-0/eval"))
     finally:
         store.close()

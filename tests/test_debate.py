@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from conftest import RecordingBackend
 
 from agentsoc import tasks
-from agentsoc.debate import AgentSlot, DebateSettings, debate, debate_one, derive_seed
+from agentsoc.debate import DebateSettings, debate, debate_one
 from agentsoc.prompts import PromptSet
+from agentsoc.seeds import derive_seed
 from agentsoc.tasks.base import Problem
+from agentsoc.transcript import AgentSlot
 from agentsoc.types import Completion, Message, ModelRef, Sampling
 
 TASK = tasks.create("arithmetic", {})

@@ -86,11 +86,11 @@ async def test_likelihood_and_kl_separate_one_shared_model_from_distinct_models(
 async def test_measure_skips_scoring_metrics_when_the_backend_cannot_score() -> None:
     ts = [make_transcript("1", "7", [["7"], ["8"], ["7"]])]
     out = await measure(ts, RecordingBackend(lambda *a: ""))
-    assert out["consensus"] == pytest.approx(2 / 3) and out["answer_diversity"] == pytest.approx(1 / 3)
-    assert "likelihood_nll" not in out and "kl" not in out
-    assert any("not available for backend recording" in n for n in out["notes"])
+    assert out.consensus == pytest.approx(2 / 3) and out.answer_diversity == pytest.approx(1 / 3)
+    assert out.likelihood_nll is None and out.kl is None
+    assert any("not available for backend recording" in n for n in out.notes)
     scored = await measure(ts, MockBackend(), metrics=["likelihood", "kl"])
-    assert scored["kl"] is not None and scored["likelihood_nll"] is not None and "consensus" not in scored
+    assert scored.kl is not None and scored.likelihood_nll is not None and scored.consensus is None
 
 
 async def test_single_agent_ft_loses_kl_diversity_multiagent_keeps_it(write_recipe: Any, tmp_path: Path) -> None:
@@ -99,7 +99,9 @@ async def test_single_agent_ft_loses_kl_diversity_multiagent_keeps_it(write_reci
         recipe = write_recipe(f"{name}.toml", **{"finetune.iterations": 1, "finetune.single_agent": single})
         async with Society.from_recipe(recipe, run_dir=tmp_path / name, progress=False) as soc:
             await soc.run()
-            out[name] = soc.store.metrics()[1]["diversity"]
-    assert out["single"]["kl"] == pytest.approx(0.0)  # one shared model agrees with itself
-    assert out["multi"]["kl"] > 0.1
-    assert out["multi"]["embedder"] and out["multi"]["scored_problems"] == 20
+            div = soc.store.iteration(1).diversity
+            assert div is not None
+            out[name] = div
+    assert out["single"].kl == pytest.approx(0.0)  # one shared model agrees with itself
+    assert out["multi"].kl is not None and out["multi"].kl > 0.1
+    assert out["multi"].embedder and out["multi"].scored_problems == 20

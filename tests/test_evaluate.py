@@ -31,11 +31,12 @@ def test_evaluate_counts_unparsable_as_wrong() -> None:
         make_transcript("4", "2", [["1", "2"], [None, "2"], ["2", None]]),
     ]
     out = evaluate(ts, eq)
-    assert out["debate"].accuracy == 0.5 and out["debate"].n == 4  # problems 1 and 4; 3 stays in the denominator
-    assert out["round_0"].accuracy == 0.5  # problems 1 and 2
-    assert out["round_1"].accuracy == 0.5
+    assert out is not None
+    assert out.debate.accuracy == 0.5 and out.debate.n == 4  # problems 1 and 4; 3 stays in the denominator
+    assert out.rounds[0].accuracy == 0.5  # problems 1 and 2
+    assert out.rounds[1].accuracy == 0.5
     # single answers, agents x problems = 12: round-0 right answers: 2 + 2 + 0 + 1
-    assert out["agent_round_0"].accuracy == pytest.approx(5 / 12) and out["agent_round_0"].n == 12
+    assert out.single_agent.accuracy == pytest.approx(5 / 12) and out.single_agent.n == 12
     assert correctness(ts, eq) == {"1": True, "2": False, "3": False, "4": True}
 
 
@@ -69,7 +70,8 @@ async def test_evaluation_overrides_shape_only_the_held_out_debate(write_recipe:
             assert len(t.agents) == 1 and len(t.agents[0].answers) == 1
         for t in soc.store.transcripts("iter-1/train").values():
             assert len(t.agents) == 3 and len(t.agents[0].answers) == 2
-        assert soc.store.metrics()[1]["debate"]["n"] == 20
+        scores = soc.store.iteration(1).scores
+        assert scores is not None and scores.debate.n == 20
 
 
 async def test_evaluation_agents_beyond_the_society_cycle_its_slots(write_recipe: Any, tmp_path: Path) -> None:

@@ -36,9 +36,10 @@ def _model_path() -> Path:
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[Any]:
-    from backends.llamacpp import LlamaCppBackend, LlamaOptions
+    from backends.llamacpp import LlamaCppBackend
+    from backends.options import LlamaCppOptions
 
-    backend = LlamaCppBackend(_model_path(), model_name="qwen", options=LlamaOptions(n_ctx=1024))
+    backend = LlamaCppBackend(_model_path(), model_name="qwen", options=LlamaCppOptions(n_ctx=1024))
     yield backend
     backend.close()
 
@@ -71,7 +72,7 @@ def test_same_seed_same_text_and_token_counts(llama: Any) -> None:
 
 @pytest.mark.local
 def test_two_adapters_differ_for_the_same_seed(llama: Any, tmp_path: Path) -> None:
-    from backends.llamacpp import adapter_ref
+    from backends.refs import adapter_ref
 
     a = adapter_ref("qwen", random_adapter(tmp_path / "a.gguf", llama.model_path, seed=1))
     b = adapter_ref("qwen", random_adapter(tmp_path / "b.gguf", llama.model_path, seed=2))
@@ -87,7 +88,7 @@ def test_two_adapters_differ_for_the_same_seed(llama: Any, tmp_path: Path) -> No
 
 @pytest.mark.local
 def test_concurrent_calls_are_batched_per_adapter_and_repeatable(llama: Any, tmp_path: Path) -> None:
-    from backends.llamacpp import adapter_ref
+    from backends.refs import adapter_ref
 
     a = adapter_ref("qwen", random_adapter(tmp_path / "a.gguf", llama.model_path, seed=1))
     refs = ["qwen", a, "qwen", a, "qwen", a]
@@ -135,8 +136,9 @@ def test_lora_training_raises_logprob_and_matches_transformers(tmp_path: Path) -
     pytest.importorskip("transformers")
     _model_path()
     from backends.local import create
+    from backends.options import LocalOptions
 
-    backend = create({"n_ctx": 1024}, tmp_path)
+    backend = create(LocalOptions(n_ctx=1024), tmp_path)
     examples = [ChatExample(messages=(USER[0], Message(role="assistant", content=ODD_ANSWER)))] * 4
     spec = FinetuneSpec(epochs=2, batch_size=4, learning_rate=1e-3, seed=0)
 

@@ -17,9 +17,12 @@ import pytest
 from agentsoc.backend import FatalBackendError
 from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef, Sampling
 from backends import bundled
-from backends.hf import LocalJobs, assistant_spans, build_example, safe_key
-from backends.llamacpp import LlamaCppBackend, adapter_ref, logprobs_from_logits, split_ref
+from backends.hf import assistant_spans, build_example
+from backends.llamacpp import LlamaCppBackend, logprobs_from_logits
 from backends.llamacpp_batch import BatchEngine
+from backends.local_jobs import LocalJobs, safe_key
+from backends.options import AutoOptions, LocalOptions, OpenAIOptions
+from backends.refs import adapter_ref, split_ref
 from tests.fakes.llama_lowlevel import FakeLlamaCpp
 
 # --------------------------------------------------------------------------- fakes
@@ -252,7 +255,7 @@ def test_unfinished_job_restarts_from_scratch_after_restart(tmp_path: Path) -> N
     # simulate a crash: the state on disk says running, the process is gone
     state = jobs.job_dir("k") / "state.json"
     data = json.loads(state.read_text())
-    data["state"] = "running"
+    data["job"]["state"] = "running"
     state.write_text(json.dumps(data))
     runner = CountingRunner()
     jobs2 = LocalJobs(tmp_path, runner)
@@ -357,10 +360,15 @@ def test_auto_picks_local_without_key(tmp_path: Path, monkeypatch: pytest.Monkey
 
     seen: dict[str, Any] = {}
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.setattr(local, "create", lambda options, run_dir: seen.setdefault("local", dict(options)))
-    local.create_auto({"n_ctx": 1024, "local": {"n_threads": 1}, "openai": {"x": 1}}, tmp_path)
-    assert seen["local"] == {"n_ctx": 1024, "n_threads": 1}
+    monkeypatch.setattr(local, "create", lambda options, run_dir: seen.setdefault("local", options))
+    options = AutoOptions.model_validate({"n_ctx": 1024, "local": {"n_threads": 1}, "openai": {"timeout_s": 5}})
+    local.create_auto(options, tmp_path)
+    assert seen["local"] == LocalOptions(n_ctx=1024, n_threads=1)  # a key outside the tables goes to its owner
     assert "-> local" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"openai\.x"):
+        AutoOptions.model_validate({"openai": {"x": 1}})
+    with pytest.raises(ValueError, match="n_ctxx"):
+        AutoOptions.model_validate({"n_ctxx": 1})
 
 
 def test_auto_picks_openai_with_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
@@ -368,9 +376,9 @@ def test_auto_picks_openai_with_key(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     seen: dict[str, Any] = {}
     fake = types.ModuleType("backends.openai")
-    fake.create = lambda options, run_dir: seen.setdefault("openai", dict(options))  # type: ignore[attr-defined]
+    fake.create = lambda options, run_dir: seen.setdefault("openai", options)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "backends.openai", fake)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    local.create_auto({"openai": {"x": 1}, "local": {"n_threads": 1}}, tmp_path)
-    assert seen["openai"] == {"x": 1}
+    local.create_auto(AutoOptions.model_validate({"openai": {"timeout_s": 5}, "local": {"n_threads": 1}}), tmp_path)
+    assert seen["openai"] == OpenAIOptions(timeout_s=5)
     assert "-> openai" in capsys.readouterr().err

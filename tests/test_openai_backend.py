@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from fakes import FakeOpenAI, fake_openai
 
-from agentsoc.backend import FatalBackendError, TransientBackendError, supports
+import backends
+from agentsoc.backend import FatalBackendError, TransientBackendError
 from agentsoc.pricing import format_usd, training_cost, usage_cost
 from agentsoc.types import ChatExample, FinetuneSpec, JobState, Message, Sampling, Usage
 from backends.openai import OpenAIBackend, create
+from backends.options import OpenAIOptions
 
 __all__ = ["fake_openai"]
 
@@ -28,7 +30,7 @@ async def backend(
     fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[OpenAIBackend]:
     monkeypatch.setenv("OPENAI_API_KEY", fake_openai.state.api_key)
-    b = create({"base_url": fake_openai.base_url, "timeout_s": 0.5}, tmp_path)
+    b = create(OpenAIOptions(base_url=fake_openai.base_url, timeout_s=0.5), tmp_path)
     yield b
     await b.aclose()
 
@@ -83,7 +85,7 @@ async def test_bad_key_is_fatal_and_scrubbed(
 ) -> None:
     wrong = "sk-wrong-secret-key-9876543210"
     monkeypatch.setenv("MY_KEY", wrong)
-    b = create({"base_url": fake_openai.base_url, "api_key_env": "MY_KEY"}, tmp_path)
+    b = create(OpenAIOptions(base_url=fake_openai.base_url, api_key_env="MY_KEY"), tmp_path)
     with pytest.raises(FatalBackendError) as info:
         await b.complete(MODEL, ask(), Sampling(seed=1))
     text = str(info.value)
@@ -99,15 +101,17 @@ async def test_unknown_model_is_fatal(backend: OpenAIBackend) -> None:
 
 def test_options_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="unknown option 'temprature'"):
-        create({"temprature": 1}, tmp_path)
+        backends.create("openai", {"temprature": 1}, tmp_path)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
-        create({}, tmp_path)
+        create(OpenAIOptions(), tmp_path)
 
 
 async def test_cannot_score(backend: OpenAIBackend) -> None:
-    assert not supports(backend, "score")
-    assert supports(backend, "finetune")
+    assert not backend.capabilities.score
+    assert backend.capabilities.finetune and backend.capabilities.min_finetune_examples == 10
+    with pytest.raises(FatalBackendError, match="cannot score"):
+        await backend.score("gpt-4o-mini", ask(), "x")
 
 
 @pytest.mark.parametrize(
@@ -176,7 +180,7 @@ async def test_upload_is_reused_after_a_crash_before_job_creation(
         await backend.submit_finetune(MODEL, examples(), FinetuneSpec(metadata=LABELS), key=KEY)
     assert fake_openai.state.uploads == 1
     fake_openai.configure(refuse_finetune=None)
-    again = create({"base_url": fake_openai.base_url}, tmp_path)  # a new process, same run dir
+    again = create(OpenAIOptions(base_url=fake_openai.base_url), tmp_path)  # a new process, same run dir
     job = await again.submit_finetune(MODEL, examples(), FinetuneSpec(metadata=LABELS), key=KEY)
     assert fake_openai.state.uploads == 1 and job.state is JobState.QUEUED
     recorded = json.loads((tmp_path / "openai" / "uploads.json").read_text())
@@ -245,9 +249,9 @@ async def test_batch_path_equals_online_path(
     fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", fake_openai.state.api_key)
-    online = create({"base_url": fake_openai.base_url}, tmp_path / "a")
+    online = create(OpenAIOptions(base_url=fake_openai.base_url), tmp_path / "a")
     batched = create(
-        {"base_url": fake_openai.base_url, "batch": True, "batch_window_s": 0.05, "batch_poll_s": 0.01}, tmp_path / "b"
+        OpenAIOptions(base_url=fake_openai.base_url, batch=True, batch_window_s=0.05, batch_poll_s=0.01), tmp_path / "b"
     )
     requests = [(ask(f"What is {i}+{i}*3?"), Sampling(seed=s)) for i in range(5) for s in range(3)]
     via_batch = await asyncio.gather(*(batched.complete(MODEL, m, s) for m, s in requests))
@@ -264,7 +268,7 @@ async def test_restarted_process_adopts_its_pending_batch(
     fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", fake_openai.state.api_key)
-    options = {"base_url": fake_openai.base_url, "batch": True, "batch_window_s": 0.02, "batch_poll_s": 0.01}
+    options = OpenAIOptions(base_url=fake_openai.base_url, batch=True, batch_window_s=0.02, batch_poll_s=0.01)
     fake_openai.configure(batch_polls=10**9)  # the batch never finishes while the first process lives
     first = create(options, tmp_path)
     calls = [asyncio.create_task(first.complete(MODEL, ask(), Sampling(seed=s))) for s in range(4)]

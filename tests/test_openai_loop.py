@@ -45,11 +45,11 @@ def loop_recipe(base_url: str, **backend: Any) -> dict[str, Any]:
     }
 
 
-async def run_loop(server: FakeOpenAI, run_dir: Path) -> list[dict[str, Any]]:
+async def run_loop(server: FakeOpenAI, run_dir: Path) -> list[dict[str, Any] | None]:
     recipe = recipe_from_dict(loop_recipe(server.base_url))
     async with Society.from_recipe(recipe, run_dir=run_dir, progress=False) as soc:
         results = await soc.run()
-    return [{k: v.model_dump() for k, v in r.scores.items()} for r in results]
+    return [r.scores.model_dump() if r.scores else None for r in results]
 
 
 def leaks(secret: str, root: Path) -> list[str]:

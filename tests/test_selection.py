@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agentsoc.debate import AgentTrace, Transcript
+from agentsoc.atomic import write_lines_atomic
 from agentsoc.selection import select
-from agentsoc.store import export_jsonl
 from agentsoc.tasks.base import Problem
+from agentsoc.transcript import AgentTrace, Transcript
 from agentsoc.types import Message
 from agentsoc.vote import majority_vote
 
@@ -91,7 +91,7 @@ def test_mix_weight_sets_share_of_corrected_trajectories() -> None:
 def test_jsonl_is_openai_chat_format_with_weights(tmp_path: Path) -> None:
     d = select(TRANSCRIPTS, 3, eq, critic_mix=0.5)[0]
     path = tmp_path / "agent-0-critic.jsonl"
-    export_jsonl([json.dumps(e.to_openai()) for e in d.critic], path)
+    write_lines_atomic(path, [json.dumps(e.to_openai()) for e in d.critic])
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:

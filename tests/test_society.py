@@ -16,6 +16,7 @@ from conftest import mock_recipe
 
 from agentsoc import tasks
 from agentsoc.config import recipe_from_dict
+from agentsoc.records import IterationRecord
 from agentsoc.society import Society
 from agentsoc.store import RunStore
 from backends.mock import MockBackend
@@ -28,17 +29,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
+def records(run_dir: Path) -> list[IterationRecord]:
     store = RunStore.open(run_dir)
     try:
-        return store.metrics()
+        return store.iterations()
     finally:
         store.close()
 
 
-def without_timings(m: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Metrics less the stage wall times, which differ between any two runs."""
-    return {i: {k: v for k, v in names.items() if not k.startswith("wall_s/")} for i, names in m.items()}
+def without_timings(records: list[IterationRecord]) -> list[IterationRecord]:
+    """Iteration records less the stage wall times, which differ between any two runs."""
+    return [r.model_copy(update={"wall_s": {}}) for r in records]
 
 
 async def test_full_mock_run_stores_everything(write_recipe: Any, tmp_path: Path) -> None:
@@ -70,10 +71,10 @@ async def test_full_mock_run_stores_everything(write_recipe: Any, tmp_path: Path
                 assert lines and all("messages" in json.loads(line) for line in lines)
         assert len((run_dir / f"iter-{it}/debate.jsonl").read_text().splitlines()) == 20
     assert (run_dir / "iter-0/eval.jsonl").exists() and (run_dir / "recipe.toml").exists()
-    m = metrics(run_dir)
-    assert set(m) == {0, 1, 2} and {"debate", "round_0", "round_1", "agent_round_0"} <= set(m[2])
+    m = records(run_dir)
+    assert [r.iteration for r in m] == [0, 1, 2] and all(r.scores is not None and len(r.scores.rounds) == 2 for r in m)
     # the mock's finetuning helps, so the loop must show it (a broken selection would not)
-    assert m[2]["agent_round_0"]["accuracy"] > m[0]["agent_round_0"]["accuracy"]
+    assert m[2].scores and m[0].scores and m[2].scores.single_agent.accuracy > m[0].scores.single_agent.accuracy
     # every stage's wall time, per iteration
     assert set(results[0].wall_s) == {"eval"} and set(results[2].wall_s) == {"train", "finetune", "eval"}
     assert all(v > 0 for r in results for v in r.wall_s.values())
@@ -121,7 +122,7 @@ def test_kill_and_resume_matches_uninterrupted_run(write_recipe: Any, tmp_path: 
     resumed = run_cli("run", str(recipe), "--run-dir", str(crashed), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
 
-    assert without_timings(metrics(crashed)) == without_timings(metrics(clean))
+    assert without_timings(records(crashed)) == without_timings(records(clean))
     sent = (crashed / "server/calls.log").read_text().split()
     assert len(sent) == len(set(sent)), "a call was sent twice"
     assert len(sent) == len((clean / "server/calls.log").read_text().split())
@@ -162,7 +163,7 @@ async def test_active_jobs_are_capped_and_backend_minimum_is_respected(tmp_path:
     assert backend.peak == 2
 
     strict = CountingMock()
-    strict.min_finetune_examples = 10_000  # type: ignore[attr-defined]
+    strict.capabilities = strict.capabilities.model_copy(update={"min_finetune_examples": 10_000})
     soc = Society(
         recipe, run_dir=tmp_path / "strict", backend=strict, task=tasks.create("arithmetic", {}), progress=False
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import RecordingBackend
 
-from agentsoc.backend import FatalBackendError, TransientBackendError, supports
+from agentsoc.backend import FatalBackendError, TransientBackendError
 from agentsoc.store import RunStore
 from agentsoc.types import Message, ModelRef, Sampling
 from agentsoc.wrappers import Cached, Limited, Metered, Retrying, compose, current_stage
@@ -95,6 +95,6 @@ async def test_meter_counts_only_paid_calls_per_stage(tmp_path: Path) -> None:
     assert store.usage() == [
         {"stage": "iter-1/train", "model": "m", "calls": 1, "prompt_tokens": 1, "completion_tokens": 1}
     ]
-    assert not supports(backend, "score")
-    with pytest.raises(NotImplementedError):
+    assert not backend.capabilities.score
+    with pytest.raises(FatalBackendError, match="cannot score"):
         await Metered(RecordingBackend(counter_reply), store).score("m", HELLO, "x")

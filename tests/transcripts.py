@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agentsoc.debate import AgentTrace, Transcript
 from agentsoc.tasks.base import Problem
+from agentsoc.transcript import AgentTrace, Transcript
 from agentsoc.types import Message
 from agentsoc.vote import majority_vote
 

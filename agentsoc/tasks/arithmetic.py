@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks import numeric
 from agentsoc.tasks.base import Problem, Split
 from agentsoc.tasks.files import stable_id
-from agentsoc.tasks.options import parse_options
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
 NAME = "arithmetic"
@@ -141,4 +141,4 @@ def _eval(node: ast.expr) -> int:
 
 def create(options: Mapping[str, Any], base_dir: Path | None = None) -> ArithmeticTask:
     """The task from recipe options (``base_dir`` is unused: nothing is read from disk)."""
-    return ArithmeticTask(parse_options(NAME, Options, options))
+    return ArithmeticTask(parse_options(f"task '{NAME}'", Options, options))

@@ -9,11 +9,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks import numeric
 from agentsoc.tasks.base import DataError, Problem, Split
 from agentsoc.tasks.files import load_files, read_records, stable_id, text_field
-from agentsoc.tasks.options import parse_options, resolve_path
+from agentsoc.tasks.options import resolve_path
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
 NAME = "gsm8k"
@@ -84,6 +85,6 @@ def read_problems(path: Path) -> list[Problem]:
 
 def create(options: Mapping[str, Any], base_dir: Path | None = None) -> Gsm8kTask:
     """The task from recipe options; relative paths resolve against ``base_dir``."""
-    opts = parse_options(NAME, Options, options)
+    opts = parse_options(f"task '{NAME}'", Options, options)
     test_path = resolve_path(NAME, "test_path", opts.test_path, base_dir) if opts.test_path else None
     return Gsm8kTask(resolve_path(NAME, "path", opts.path, base_dir), test_path)

@@ -13,12 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks import math_equiv
 from agentsoc.tasks.base import DataError, Problem, Split
 from agentsoc.tasks.boxed import last_boxed
 from agentsoc.tasks.files import load_files, read_records, stable_id, text_field
-from agentsoc.tasks.options import parse_options, resolve_path
+from agentsoc.tasks.options import resolve_path
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
 NAME = "math"
@@ -123,6 +124,6 @@ def _level_number(level: str) -> int | None:
 
 def create(options: Mapping[str, Any], base_dir: Path | None = None) -> MathTask:
     """The task from recipe options; relative paths resolve against ``base_dir``."""
-    opts = parse_options(NAME, Options, options)
+    opts = parse_options(f"task '{NAME}'", Options, options)
     test_path = resolve_path(NAME, "test_path", opts.test_path, base_dir) if opts.test_path else None
     return MathTask(resolve_path(NAME, "path", opts.path, base_dir), test_path, opts.levels)

@@ -14,11 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks.base import DataError, Problem, Split
 from agentsoc.tasks.boxed import last_boxed
 from agentsoc.tasks.files import load_files, stable_id
-from agentsoc.tasks.options import parse_options, resolve_path
+from agentsoc.tasks.options import resolve_path
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
 NAME = "mmlu"
@@ -128,6 +129,6 @@ def _read_csv(path: Path) -> list[Problem]:
 
 def create(options: Mapping[str, Any], base_dir: Path | None = None) -> MmluTask:
     """The task from recipe options; relative paths resolve against ``base_dir``."""
-    opts = parse_options(NAME, Options, options)
+    opts = parse_options(f"task '{NAME}'", Options, options)
     test_path = resolve_path(NAME, "test_path", opts.test_path, base_dir) if opts.test_path else None
     return MmluTask(resolve_path(NAME, "path", opts.path, base_dir), test_path)

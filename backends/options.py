@@ -1,0 +1,213 @@
+"""Every backend's ``[backend.options]`` as a pydantic model: unknown keys refused, types checked,
+defaults and one line of help per field (the way TRL's ``SFTConfig`` documents its fields).
+
+They live here, apart from the backends, because this module imports no SDK: the recipe loader
+validates a recipe's options before any model, SDK or server is touched, so
+``agentsoc run RECIPE --dry-run`` already names a misspelled option.
+
+Fields marked :data:`RUNTIME` change how a run goes (how fast, how patient, which queue), never
+what it produces; the recipe's resume fingerprint leaves them out, so a run can be resumed with
+more patience than it was started with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: ``json_schema_extra`` of a field that does not change results (see the module docstring)
+RUNTIME: dict[str, Any] = {"affects_results": False}
+
+#: the bundled model's name (backends.bundled.DEFAULT_MODEL, repeated to keep this module light)
+BUNDLED_MODEL = "qwen2.5-coder-0.5b-instruct"
+#: LoRA target modules of the local and TRL trainers (attention projections)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class BackendOptions(BaseModel):
+    """Base of every backend's options: strict, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def runtime_fields(cls) -> set[str]:
+        """The fields that do not change results (left out of the resume fingerprint)."""
+        return {
+            name
+            for name, info in cls.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("affects_results") is False
+        }
+
+    def batch_api(self) -> bool:
+        """Whether chat calls go through a provider's Batch API (the dry run halves their price)."""
+        return False
+
+
+class MockOptions(BackendOptions):
+    """Simulated agents (``backends/mock.py``): test plumbing, never results."""
+
+    state_dir: str = Field(
+        default="mock-server",
+        description="folder of the simulated server's jobs and logs, relative to the run directory; it must "
+        "outlive the process so that a resumed run finds its jobs",
+    )
+    latency_s: float = Field(default=0.0, ge=0, description="seconds each chat call takes", json_schema_extra=RUNTIME)
+    polls_to_finish: int = Field(
+        default=2, ge=0, description="polls a fine-tuning job stays running", json_schema_extra=RUNTIME
+    )
+    fail_jobs: bool = Field(default=False, description="every fine-tuning job fails (error-path tests)")
+
+
+class OpenAIOptions(BackendOptions):
+    """The OpenAI API, or any OpenAI-compatible server for inference (``backends/openai.py``)."""
+
+    base_url: str | None = Field(default=None, description="API endpoint; None = OpenAI's")
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="environment variable holding the key (never the key itself)"
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="seconds per HTTP request", json_schema_extra=RUNTIME)
+    batch: bool = Field(
+        default=False,
+        description="send chat calls through the Batch API (half price, hours)",
+        json_schema_extra=RUNTIME,
+    )
+    batch_window_s: float = Field(
+        default=2.0, gt=0, description="seconds to collect calls into one batch", json_schema_extra=RUNTIME
+    )
+    batch_poll_s: float = Field(
+        default=30.0, gt=0, description="seconds between batch polls", json_schema_extra=RUNTIME
+    )
+    organization: str | None = Field(default=None, description="OpenAI organization id", json_schema_extra=RUNTIME)
+    project: str | None = Field(default=None, description="OpenAI project id", json_schema_extra=RUNTIME)
+    weight_support: bool = Field(
+        default=True, description="send per-message training weights (false for providers that reject them)"
+    )
+
+    def batch_api(self) -> bool:
+        return self.batch
+
+
+class LlamaCppOptions(BackendOptions):
+    """llama-cpp-python on one GGUF base with LoRA adapters (``backends/llamacpp.py``)."""
+
+    model: str = Field(default=BUNDLED_MODEL, description="bundled model name (also the base model's label)")
+    model_path: Path | None = Field(default=None, description="your own GGUF chat model instead of the bundled one")
+    n_ctx: int = Field(default=4096, ge=64, description="context tokens per sequence")
+    n_threads: int | None = Field(default=None, ge=1, description="CPU threads (None: every usable CPU)")
+    n_batch: int = Field(default=512, ge=1, description="prompt tokens per llama_decode")
+    extra_buffers: bool | None = Field(
+        default=None, description="ggml's repacked weight buffers; None = off on AMX CPUs (they crash sandboxed)"
+    )
+    parallel: int = Field(default=8, ge=1, description="sequences decoded together (continuous batching)")
+    top_logprobs: int = Field(default=5, ge=1, description="alternatives per token returned by score() (KL metric)")
+    verbose: bool = Field(default=False, description="llama.cpp's own log on stderr", json_schema_extra=RUNTIME)
+
+
+class LocalOptions(LlamaCppOptions):
+    """llama.cpp inference plus CPU LoRA jobs on the same base (``backends/local.py``)."""
+
+    hf_dir: Path | None = Field(
+        default=None, description="a transformers folder of the same model for training (else the GGUF is dequantised)"
+    )
+    train_threads: int | None = Field(default=None, ge=1, description="torch threads of the trainer")
+    lora_targets: tuple[str, ...] = Field(default=DEFAULT_TARGETS, min_length=1, description="LoRA target modules")
+    hf_cache: bool = Field(
+        default=True,
+        description="cache a float32 transformers copy of the GGUF (~2.5 GB; saves a minute per process)",
+        json_schema_extra=RUNTIME,
+    )
+    train_bf16: bool | None = Field(
+        default=None, description="bfloat16 autocast in training; None = where the CPU has native bf16"
+    )
+    train_in_process: bool = Field(
+        default=False, description="train in this process instead of one training subprocess", json_schema_extra=RUNTIME
+    )
+
+
+class AutoOptions(BackendOptions):
+    """``auto``: OpenAI when ``OPENAI_API_KEY`` is set, else the local fallback.
+
+    ``[backend.options.openai]`` and ``[backend.options.local]`` configure each side; a key written
+    directly under ``[backend.options]`` goes to whichever side knows it (and must be known to one).
+    """
+
+    openai: OpenAIOptions = Field(default_factory=OpenAIOptions, description="options if OpenAI is chosen")
+    local: LocalOptions = Field(default_factory=LocalOptions, description="options if the local fallback is chosen")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distribute(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        sides: dict[str, type[BackendOptions]] = {"openai": OpenAIOptions, "local": LocalOptions}
+        out: dict[str, Any] = {side: dict(data.get(side) or {}) for side in sides}
+        for key, value in data.items():
+            if key in sides:
+                continue
+            owners = [side for side, model in sides.items() if key in model.model_fields]
+            if not owners:
+                out[key] = value  # refused by extra="forbid", with the key's name
+            for side in owners:
+                out[side].setdefault(key, value)
+        return out
+
+    def batch_api(self) -> bool:
+        return bool(os.environ.get("OPENAI_API_KEY")) and self.openai.batch
+
+
+class VllmOptions(BackendOptions):
+    """A vLLM OpenAI-compatible server serving one base + LoRA adapters, with TRL training jobs
+    placed by Ray (``backends/vllm.py``)."""
+
+    # -- the server
+    base_url: str | None = Field(
+        default=None, description="a running vLLM server (http://host:8000/v1); None with serve = true"
+    )
+    serve: bool = Field(default=False, description="start the vLLM server as a child process for the run")
+    python: str = Field(
+        default=".venv-vllm/bin/python",
+        description="interpreter of the environment vLLM is installed in (serve = true); relative to the cwd",
+    )
+    model: str = Field(
+        default=BUNDLED_MODEL,
+        description="the base model: a transformers folder, or the bundled model's name (its transformers copy)",
+    )
+    served_model_name: str | None = Field(default=None, description="the base model's name at the server")
+    port: int | None = Field(default=None, ge=1, le=65535, description="server port (serve = true; None: a free one)")
+    max_loras: int | None = Field(
+        default=None, ge=1, description="adapters per batch (--max-loras); None: 2 × agents (every agent and role)"
+    )
+    max_lora_rank: int = Field(default=8, ge=1, description="--max-lora-rank; at least finetune.spec.lora_r")
+    dtype: str = Field(default="bfloat16", description="--dtype of the served model")
+    max_model_len: int = Field(default=4096, ge=64, description="--max-model-len")
+    server_args: tuple[str, ...] = Field(default=(), description="more command-line arguments for the server")
+    server_env: dict[str, str] = Field(
+        default_factory=dict, description="more environment for the server (e.g. VLLM_CPU_KVCACHE_SPACE)"
+    )
+    startup_timeout_s: float = Field(
+        default=600.0, gt=0, description="seconds to wait for /health", json_schema_extra=RUNTIME
+    )
+    api_key_env: str = Field(default="VLLM_API_KEY", description="environment variable with the server's key, if any")
+    timeout_s: float = Field(default=600.0, gt=0, description="seconds per HTTP request", json_schema_extra=RUNTIME)
+    # -- training
+    ray_address: str = Field(
+        default="",
+        description="'' = a local Ray instance started for the run; 'auto' or ray://… / http://…:8265 = a cluster",
+    )
+    adapters_dir: Path | None = Field(
+        default=None,
+        description="where jobs write adapters; on a cluster a path every worker and the server can read "
+        "(None: <run dir>/adapters)",
+    )
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per training job", json_schema_extra=RUNTIME)
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per training job", json_schema_extra=RUNTIME)
+    job_python: str | None = Field(
+        default=None, description="interpreter of the training jobs on the workers (None: this one)"
+    )
+    lora_targets: tuple[str, ...] = Field(default=DEFAULT_TARGETS, min_length=1, description="LoRA target modules")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="training precision; auto = bf16 on CUDA and on CPUs with native bf16"
+    )
