@@ -51,6 +51,52 @@ def test_parse_answer(text: str, expected: str | None) -> None:
     assert ArithmeticTask(Options()).parse_answer(text) == expected
 
 
+#: critic replies (rounds >= 1), where the agent's own final statement must win over the other agents' answers
+#: it restates. The first four are verbatim replies of the bundled Qwen2.5-Coder-0.5B: from the stored
+#: transcripts of an `agentsoc demo --quick` run, and (the second) from a critic turn resampled on that run's
+#: round-0 replies and summaries with the preset's "Explain your reasoning" summary message. The rest are
+#: written in the phrasing of that run's summaries ("One agent's final answer is 117.", "The final answers
+#: are 330 for agent 1 and 78 for agent 2.", "Both agents end up with 50 as the final answer.").
+CRITIC_CASES = [
+    # real: the "answer, it is" cue sits in a sentence about "the previous agent's final answer"; today's
+    # parser read the 7 of the next line
+    (
+        "7 * 9 = 63\n63 * 5 = 315\n\\[63 + 15 = 78\\]\n\nThese solutions are provided by another agent. Since the "
+        "final answer is the same as the previous agent's final answer, it is the same as the previous agent's "
+        "solution.\n\nTherefore, the result of 7 * 9 + 3 * 5 is 78.",
+        "78",
+    ),
+    # real: agent names ("Agent 5", "Agent 1") after the agent's own answer
+    (
+        "The reasoning is as follows:\n\n1. The initial value of the expression is 2*4=8.\n2. The expression then "
+        "becomes 8+7*6=58.\n3. Therefore, the updated answer is 58.\n\nIn this updated answer, Agent 3 gave the "
+        "same solution as Agent 1. In Agent 2, Agent 2 gave the same solution as Agent 1. In Agent 4, Agent 4 gave "
+        "the same solution as Agent 1. In Agent 5, Agent 5 gave the same solution as Agent 1.\n\nThus, the updated "
+        "answer is 58.",
+        "58",
+    ),
+    ("9 * 3 + 3 * 3 = 9 + 9 = 18\n\nAnswer at the end: 18", "18"),  # real
+    ("The updated answer is \\(117\\).", "117"),  # real, after "One agent's final answer is \\(117\\)."
+    ("Agent 2's answer is 310, I get 312 as final", "312"),
+    ("Agent 1: the answer is 57\nAgent 2: the answer is 49\n7*7 + 8*1 = 49 + 8 = 57", "57"),
+    ("My answer is 78. Agent 1 says the answer is 330, which is wrong.", "78"),
+    ("The answer was 310 at first.\nRechecking: 3*100 + 12 gives 312, so I get 312 as final.", "312"),
+    ("The answer is 78.\nAccording to agent 1, the answer is 330, which forgets 3*5.", "78"),
+    ("According to agent 1, the answer is 330.\nMy own working: 7*9 + 3*5 = 63 + 15 = 78", "78"),
+    ("The final answers are 330 for agent 1 and 78 for agent 2. I agree with agent 2: 78.", "78"),
+    ("The other agents' answers were 310 and 311, but my answer is 312.", "312"),
+    ("Both agents end up with 50 as the final answer. 2*4 + 7*6 = 8 + 42 = 58", "58"),
+    # an agent that only restates another adopts its answer; an agent's name is never one
+    ("Agent 2's answer is 310 and I agree.", "310"),
+    ("I agree with Agent 2.", None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CRITIC_CASES)
+def test_parse_critic_reply_takes_the_agents_own_answer(text: str, expected: str | None) -> None:
+    assert ArithmeticTask(Options()).parse_answer(text) == expected
+
+
 def test_is_equivalent_is_numeric_and_symmetric() -> None:
     task = ArithmeticTask(Options())
     for a, b, same in [("14", "14.0000001", True), ("14", "15", False), ("-3", "3", False), ("0.5", "1/2", True)]:

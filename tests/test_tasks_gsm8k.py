@@ -55,6 +55,28 @@ def test_parse_answer(text: str, expected: str | None) -> None:
     assert Gsm8kTask(Path("unused.jsonl")).parse_answer(text) == expected
 
 
+#: critic replies that restate another agent's answer (written in the phrasing the local model's critics and
+#: summaries use, see tests/test_tasks_arithmetic.py), and questions whose people and agents are no debaters
+CRITIC_CASES = [
+    (
+        "One agent's answer is 20 dollars, since it forgot the 4 muffins. Janet sells 16 - 3 - 4 = 9 eggs, so she "
+        "makes 9 * 2 = 18 dollars.",
+        "18",
+    ),
+    ("My answer is 18. The first agent's result was 20 because it forgot the muffins.", "18"),
+    ("Their answer is $20, but the muffins use 4 eggs: the answer is $18.", "18"),
+    ("The agent gets 3% of $200,000, so the answer is 6000.", "6000"),
+    ("She gets 9 eggs to sell, so she makes $18.", "18"),
+    ("They get 3 each, so in total 6.", "6"),
+    ("He gives 3 to others and has 5 left.", "5"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CRITIC_CASES)
+def test_parse_critic_reply_takes_the_agents_own_answer(text: str, expected: str | None) -> None:
+    assert Gsm8kTask(Path("unused.jsonl")).parse_answer(text) == expected
+
+
 @pytest.mark.parametrize(
     ("a", "b", "same"),
     [("18", "18.0", True), ("18", "18.0000001", True), ("18", "18.01", False), ("-5", "5", False),

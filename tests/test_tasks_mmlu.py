@@ -55,6 +55,26 @@ def test_parse_answer(text: str, expected: str | None) -> None:
     assert MmluTask(Path("unused.csv")).parse_answer(text) == expected
 
 
+#: critic replies that quote the other agents before giving their own letter. Written by hand (the bundled
+#: model's demo debates arithmetic, not MMLU), after the way its arithmetic critics quote ("the same as the
+#: previous agent's final answer") and the prompt's own "One agent solution" blocks.
+CRITIC_CASES = [
+    ("One agent's answer is (A), but the question asks about the long-run effect, so I conclude (C).", "C"),
+    ("Agent 1: the answer is (B)\nAgent 2: the answer is (D)\nExamining both step by step, neither holds: (C)", "C"),
+    ("My answer was (A). After examining the other agents' solutions, I now pick (C).", "C"),
+    ("The answer is (B). Agent 3's answer is (A), which ignores friction.", "B"),
+    ("According to the other agents, the answer is (D). Their reasoning skips step 2; I stay with (B) as before.", "B"),
+    ("The answer is (B). One agent chose (A)", "B"),
+    ("The other agents' answers were (A) and (B). My answer is (B) because the rate doubles.", "B"),
+    ("Both agents chose (B), and I agree.", "B"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CRITIC_CASES)
+def test_parse_critic_reply_takes_the_agents_own_answer(text: str, expected: str | None) -> None:
+    assert MmluTask(Path("unused.csv")).parse_answer(text) == expected
+
+
 def test_is_equivalent() -> None:
     task = MmluTask(Path("unused.csv"))
     assert task.is_equivalent("B", "B") and task.is_equivalent("b", "B") and task.is_equivalent("B", "b")

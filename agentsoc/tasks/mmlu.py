@@ -1,7 +1,10 @@
 """MMLU: four-option multiple choice from the Hendrycks CSVs (no header: question, A, B, C, D, answer).
 
 Du et al.'s prompts (algorithm.md §2.6) ask for the answer "in the form (X)"; the parser accepts that
-and the other ways models state a letter, but never a letter that is part of a word.
+and the other ways models state a letter, but never a letter that is part of a word. In debate rounds
+>= 1 the agent's own final statement wins: a critic quotes the other agents ("one agent's answer is (A)
+... I conclude (C)"), so statements inside such quotes (:mod:`agentsoc.tasks.attribution`) do not count,
+and an "(X)" that closes the response beats an "answer is" phrase earlier on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
+from agentsoc.tasks.attribution import quoted_spans, within
 from agentsoc.tasks.base import DataError, Problem, Split
 from agentsoc.tasks.boxed import last_boxed
 from agentsoc.tasks.files import load_files, stable_id
@@ -48,6 +52,8 @@ _STATED = re.compile(
 )
 #: the requested form "(X)"
 _PARENS = re.compile(r"\(([A-Da-d])\)")
+#: the requested form closing the response, as the prompt asks: the agent's final statement
+_CLOSING = re.compile(r"\(([A-Da-d])\)[\s*_.!)\]]*\Z")
 #: a bare letter closing the response after a colon, comma, bold marker or line start ("...: B", "**C**");
 #: a plain space is not enough, or "a lack of vitamin D." would vote D
 _TRAILING = re.compile(r"(?:^|[:,]|\*\*)\s*([A-D])[).]?[*\s.]*\Z", re.MULTILINE)
@@ -77,20 +83,36 @@ class MmluTask:
         return load_files(NAME, read_problems, self.path, self.test_path, n_train, n_test, seed)
 
     def parse_answer(self, text: str) -> str | None:
-        stated = list(_STATED.finditer(text))
-        if stated:
-            return (stated[-1][1] or stated[-1][2]).upper()
-        boxed = last_boxed(text)
-        if boxed is not None and boxed.strip("() ").upper() in _LETTERS:
-            return boxed.strip("() ").upper()
-        parens = _PARENS.findall(text)
-        if parens:
-            return str(parens[-1]).upper()
-        trailing = _TRAILING.search(text)
-        return trailing[1] if trailing else None
+        """The letter the agent gives as its own, last; a letter it only quotes from another agent as a last resort.
+
+        An agent that only restates others ("Both agents chose B, and I agree.") adopts what it quotes.
+        """
+        return _final_letter(text, quoted_spans(text)) or _final_letter(text, [])
 
     def is_equivalent(self, a: str, b: str) -> bool:
         return a.strip().upper() == b.strip().upper()
+
+
+def _final_letter(text: str, quoted: list[range]) -> str | None:
+    """The letter ``text`` states outside the ``quoted`` ranges.
+
+    Order: an "(X)" closing the response, as the prompt asks; the last "answer is X"; ``\\boxed{X}``; the
+    last "(X)"; a bare letter closing the response.
+    """
+    closing = _CLOSING.search(text)
+    if closing and not within(quoted, closing.start()):
+        return closing[1].upper()
+    stated = [m for m in _STATED.finditer(text) if not within(quoted, m.start())]
+    if stated:
+        return (stated[-1][1] or stated[-1][2]).upper()
+    boxed = last_boxed(text)
+    if boxed is not None and boxed.strip("() ").upper() in _LETTERS:
+        return boxed.strip("() ").upper()
+    parens = [m for m in _PARENS.finditer(text) if not within(quoted, m.start())]
+    if parens:
+        return parens[-1][1].upper()
+    trailing = _TRAILING.search(text)
+    return trailing[1] if trailing and not within(quoted, trailing.start(1)) else None
 
 
 def read_problems(path: Path) -> list[Problem]:

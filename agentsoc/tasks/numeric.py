@@ -3,6 +3,11 @@
 Fixes the reference parsers' bugs (algorithm.md §11.2): the sign is kept (ASCII and Unicode minus),
 thousands separators are removed without gluing list items together ("3, 4" stays two numbers),
 and markdown or LaTeX decoration (``**550**``, ``$550$``, ``\\boxed{550}``) does not hide a number.
+
+In debate rounds >= 1 the agent's own final statement wins: a critic restates the other agents' answers
+("Agent 2's answer is 310, I get 312 as final"), so cues and numbers inside such restatements
+(:mod:`agentsoc.tasks.attribution`) do not count, and a concluding sentence that closes the response
+("... Rechecking, I get 312.") beats an "answer is" cue earlier on.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import re
 from decimal import Decimal
 from fractions import Fraction
 
+from agentsoc.tasks.attribution import name_spans, quoted_spans, within
 from agentsoc.tasks.boxed import last_boxed
 
 #: how far from the end an "answer is"/"=" cue may sit and still name the final answer
@@ -33,6 +39,19 @@ _ANSWER_CUE = re.compile(
     r"\b(?:answer|result)\b(?:[^\n.\d]{0,40}?\b(?:is|was|would\s+be|should\s+be|will\s+be)\b|[*_\s]*[:=])",
     re.IGNORECASE,
 )
+#: a sentence or line ends here; a decimal point is followed by a digit, not by a space
+_BOUNDARY = re.compile(r"[.!?](?=\s)|\n")
+#: a closing sentence that concludes: the agent's final statement, which beats an earlier cue
+_CONCLUSION = re.compile(
+    r"\b(?:final(?:ly)?|therefore|thus|hence|conclu(?:de|des|ded|sion)|overall|in\s+total|altogether"
+    r"|(?:answer|result)\b|equals?|(?:correct|right|updated|revised|new)\s+(?:answer|result|value|total)"
+    r"|(?:(?-i:I)|we)\s+(?:\w+\s+)?(?:get|got|obtain|obtained|find|found|arrive|arrived|calculate|calculated"
+    r"|compute|computed|reach|reached|end\s+up|think|believe|agree|confirm|conclude|stick|go|will\s+go))\b|=",
+    re.IGNORECASE,
+)
+#: a closing line that is just a number ("**312**", "$312$"): the answer stated at the end, as asked; not
+#: "4." or "4)", which open the next item of a list that max_tokens cut off
+_BARE_NUMBER = re.compile(r"[\s*_$\\(){}\[\]]*[-−]?\$?\d[\d,]*(?:\.\d+)?(?![.)]\s*$)[\s*_$\\.)\]{}]*")
 _FRACTION = re.compile(r"^(?P<sign>[-−]?)(?:\\[dt]?frac\{(?P<n1>\d+)\}\{(?P<d1>\d+)\}|(?P<n2>\d+)/(?P<d2>\d+))$")
 _LATEX_NOISE = re.compile(r"\\text\{[^{}]*\}|\\[,!;: ]|\\%|%|\\left|\\right")
 
@@ -40,8 +59,11 @@ _LATEX_NOISE = re.compile(r"\\text\{[^{}]*\}|\\[,!;: ]|\\%|%|\\left|\\right")
 def parse_number(text: str) -> str | None:
     """The final numeric answer of ``text`` as a canonical string, or ``None``.
 
-    Order of evidence: the last ``\\boxed{}`` holding a number; an "answer is"/"answer:" cue near
-    the end; an ``=`` near the end; the last number anywhere.
+    Order of evidence: the last ``\\boxed{}`` holding a number; a concluding last sentence
+    ("Therefore, 312.", "I get 312 as final"); an "answer is"/"answer:" cue near the end; an ``=`` near
+    the end; the last number. Apart from the box, evidence inside a restatement of another agent's
+    answer is skipped; only a response that has nothing of its own is read with its restatements
+    (never with the number in an agent's name).
     """
     text = text.replace("{,}", ",")
     boxed = last_boxed(text)
@@ -49,18 +71,12 @@ def parse_number(text: str) -> str | None:
         found = _number_in_box(boxed)
         if found is not None:
             return found
-    tail = text[-NEAR_END:]
-    for cue in reversed(list(_ANSWER_CUE.finditer(tail))):
-        found = _first_number(_after_answer_cue(tail[cue.end() : cue.end() + 80]))
-        if found is not None:
-            return found
-    equals = tail.rfind("=")
-    if equals >= 0:
-        found = _first_number(tail[equals + 1 :].split("\n", 1)[0])
-        if found is not None:
-            return found
-    numbers = list(_NUMBER.finditer(text))
-    return _canonical(numbers[-1]) if numbers else None
+    found = _final_statement(text, quoted_spans(text))
+    if found is None:
+        # an agent that only restates others ("Agent 2's answer is 310 and I agree.") adopts their answer;
+        # the 2 of "I agree with Agent 2." is nobody's answer
+        found = _final_statement(text, name_spans(text))
+    return found
 
 
 def is_equivalent(a: str, b: str) -> bool:
@@ -88,6 +104,58 @@ def canonical_number(literal: str) -> str:
     """The canonical form of a plain number literal such as ``-$1,200.50`` (ground-truth files)."""
     cleaned = literal.replace("−", "-").replace("$", "").replace(",", "")
     return canonical(Fraction(Decimal(cleaned)))
+
+
+def _final_statement(text: str, quoted: list[range]) -> str | None:
+    """The answer that ``text`` states outside the ``quoted`` ranges, by the order of :func:`parse_number`."""
+    closing = _closing_sentence(text)
+    if _concludes(text, closing, quoted):
+        found = _stated(text, closing, quoted, last_number=True)
+        if found is not None:
+            return found
+    found = _stated(text, range(max(0, len(text) - NEAR_END), len(text)), quoted, last_number=False)
+    if found is not None:
+        return found
+    own = [number for number in _NUMBER.finditer(text) if not within(quoted, number.start())]
+    return _canonical(own[-1]) if own else None
+
+
+def _closing_sentence(text: str) -> range:
+    """The last sentence or line of ``text`` (within :data:`NEAR_END`): where the prompt asks for the answer."""
+    end = len(text.rstrip())
+    start = max(0, len(text) - NEAR_END)
+    for boundary in _BOUNDARY.finditer(text, start, end):
+        start = boundary.end()
+    return range(start, end)
+
+
+def _concludes(text: str, sentence: range, quoted: list[range]) -> bool:
+    """Whether ``sentence`` is the agent's own conclusion, not a sign-off ("I hope this helps with step 3")."""
+    if _BARE_NUMBER.fullmatch(text, sentence.start, sentence.stop):
+        return True
+    return any(
+        not within(quoted, marker.start()) for marker in _CONCLUSION.finditer(text, sentence.start, sentence.stop)
+    )
+
+
+def _stated(text: str, region: range, quoted: list[range], *, last_number: bool) -> str | None:
+    """The number that ``region`` states as the answer: after the last own cue, else after its last own ``=``."""
+    for cue in reversed(list(_ANSWER_CUE.finditer(text, region.start, region.stop))):
+        if within(quoted, cue.start()):
+            continue
+        found = _first_number(_after_answer_cue(text[cue.end() : cue.end() + 80]))
+        if found is not None:
+            return found
+    equals = [i for i in range(region.start, region.stop) if text[i] == "=" and not within(quoted, i)]
+    if equals:
+        found = _first_number(text[equals[-1] + 1 : region.stop].split("\n", 1)[0])
+        if found is not None:
+            return found
+    if last_number:
+        numbers = [n for n in _NUMBER.finditer(text, region.start, region.stop) if not within(quoted, n.start())]
+        if numbers:
+            return _canonical(numbers[-1])
+    return None
 
 
 def _after_answer_cue(window: str) -> str:
