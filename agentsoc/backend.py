@@ -66,6 +66,11 @@ class ModelNotFoundError(FatalBackendError):
     was shut down, or an adapter a restarted server forgot — which a backend may load again."""
 
 
+class RetriesExhaustedError(BackendError):
+    """A stage could not finish: some of its calls failed transiently even after every retry and a
+    second round at the end of the stage. Finished work is saved; ``--resume`` continues."""
+
+
 class JobFailedError(BackendError):
     """A fine-tuning job ended failed or cancelled; the message quotes the provider's reason."""
 

@@ -1,7 +1,7 @@
 """Every baseline and ablation of the paper as a recipe transform on the same machinery.
 
 A method is a function ``Recipe → Recipe`` that flips switches (agents, rounds, iterations,
-selection label, single_agent, evaluation overrides, prompts) — never a copy of the loop. Each
+selection label, model sharing, evaluation overrides, prompts) — never a copy of the loop. Each
 transformed recipe is an ordinary run: :func:`compare` gives each method its own run directory
 under one folder, so a rerun resumes every method from its caches, and all methods see the same
 seeded training and held-out problems (same task config and seed).
@@ -106,13 +106,13 @@ def star(recipe: Recipe) -> Recipe:
     """Table 1 "STaR" (Zelikman et al.): one model finetuned on its own rationales that reach the
     GROUND-TRUTH answer, plus rationalization (wrong answers re-asked with the answer as a hint,
     trained without the hint). Our choices: N independent samples per problem (no debate) both to
-    make data and to evaluate (majority vote), like Majority FT."""
+    make data and to evaluate (majority vote), like Majority FT; one model for every agent."""
     return _shape(
         recipe,
         "star",
         **{
             "society.rounds": 1,
-            "finetune.single_agent": True,
+            "finetune.share": "all",
             "selection.label": "ground_truth",
             "selection.rationalize": True,
         },
@@ -124,14 +124,21 @@ def majority_ft(recipe: Recipe) -> Recipe:
     """Table 1 "Majority FT": one model finetuned on its independent samples (round 0, no debate)
     that agree with their majority vote; evaluated by majority vote of N samples. No critic data
     exists without later rounds."""
-    return _shape(recipe, "majority_ft", **{"society.rounds": 1, "finetune.single_agent": True})
+    return _shape(recipe, "majority_ft", **{"society.rounds": 1, "finetune.share": "all"})
 
 
 @_method("single_agent_ft", "Single-agent FT")
 def single_agent_ft(recipe: Recipe) -> Recipe:
-    """Table 2 "Single-agent FT": one generator and one critic trained on the union of all agents'
-    vote-selected data, used by every agent in the debate."""
-    return _shape(recipe, "single_agent_ft", **{"finetune.single_agent": True})
+    """Table 2 / Fig. 1 "Single-agent FT": ONE model finetuned on all the vote-selected responses
+    (every agent's generator and critic data), then used as every agent in every round (§2.2)."""
+    return _shape(recipe, "single_agent_ft", **{"finetune.share": "all"})
+
+
+@_method("shared_roles_ft", "Shared-roles FT (ours)")
+def shared_roles_ft(recipe: Recipe) -> Recipe:
+    """Not in the paper: one generator and one critic, each trained on all agents' data of its role
+    and shared by every agent — roles stay apart, agents do not."""
+    return _shape(recipe, "shared_roles_ft", **{"finetune.share": "agents"})
 
 
 @_method("single_agent_ft_no_debate", "Single-agent FT w/o debate")
@@ -141,7 +148,7 @@ def single_agent_ft_no_debate(recipe: Recipe) -> Recipe:
     return _shape(
         recipe,
         "single_agent_ft_no_debate",
-        **{"finetune.single_agent": True, "evaluation.agents": 1, "evaluation.rounds": 1},
+        **{"finetune.share": "all", "evaluation.agents": 1, "evaluation.rounds": 1},
     )
 
 
@@ -201,9 +208,10 @@ def cooperative_base(recipe: Recipe) -> Recipe:
 
 @_method("unique_id", "Unique ID")
 def unique_id(recipe: Recipe) -> Recipe:
-    """Table 5 "Unique ID": ONE shared model (single_agent) told its agent number and role by a
-    system message ("You are agent 2 (critic).") in every debate call and in its training data."""
-    return _shape(recipe, "unique_id", **{"finetune.single_agent": True, "society.unique_id": True})
+    """Table 5 "Unique ID": ONE model, finetuned on all agents' data, told which agent and role it
+    plays by a system message ("You are agent 2 (critic).") in every debate call and in every
+    training example — diversity from an ID instead of from separate weights."""
+    return _shape(recipe, "unique_id", **{"finetune.share": "all", "society.unique_id": True})
 
 
 @_method("agents_5", "Multiagent FT, 5 agents")
@@ -218,7 +226,7 @@ def agents_5(recipe: Recipe) -> Recipe:
 @_method("single_agent_ft_t2", "Single-agent FT, temperature 2")
 def single_agent_ft_t2(recipe: Recipe) -> Recipe:
     """Fig. 10: Single-agent FT evaluated at sampling temperature 2, to buy diversity with noise."""
-    return _shape(recipe, "single_agent_ft_t2", **{"finetune.single_agent": True, "evaluation.temperature": 2.0})
+    return _shape(recipe, "single_agent_ft_t2", **{"finetune.share": "all", "evaluation.temperature": 2.0})
 
 
 def transfer(recipe: Recipe, task: dict[str, Any]) -> Recipe:

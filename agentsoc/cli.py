@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
+import os
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -19,12 +21,24 @@ from typing import Any
 
 from agentsoc.backend import BackendError
 from agentsoc.config import Recipe, RecipeError, recipe_from_dict
+from agentsoc.options import OptionsError
 from agentsoc.records import IterationRecord
+from agentsoc.report import ReportError
 from agentsoc.society import RunDirError, Society
-from agentsoc.store import RunStore
+from agentsoc.store import RunStore, StoreError
 from agentsoc.tasks.base import DataError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, RunDirError, DataError, ValueError, FileNotFoundError)
+#: errors a user can fix; anything else (a ValueError deep in the code) is a bug and keeps its traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    RecipeError,
+    RunDirError,
+    DataError,
+    OptionsError,
+    ReportError,
+    StoreError,
+)
+#: the operating system refusing a write: disk full, read-only file system, no permission
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -129,7 +143,7 @@ def _jobs(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "run.sqlite").exists():
         raise RunDirError(f"{run_dir}: not an agentsoc run directory (no run.sqlite)")
-    store = RunStore.open(run_dir)
+    store = RunStore.open(run_dir, readonly=True)
     try:
         jobs = store.jobs()
     finally:
@@ -252,6 +266,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # `agentsoc run ... --dry-run | head`: the reader left; say nothing, and keep Python's own
+        # flush at exit from failing on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        hint = (
+            "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable or choose another place"
+        )
+        print(
+            f"error: {e.strerror}:{where}; {hint}, then continue with --resume (finished work is kept)", file=sys.stderr
+        )
         return 2
 
 

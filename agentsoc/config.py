@@ -24,12 +24,40 @@ if TYPE_CHECKING:
     from backends.options import BackendOptions
 
 
+#: the recipes that ship inside the package (loadable by name from anywhere)
+SHIPPED = Path(__file__).resolve().parent / "recipes"
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and the field."""
 
 
+#: recipe fields that change how a run goes, never what it produces: a run that died of exhausted
+#: retries may be resumed with more of them
+RUNTIME_FIELDS = (
+    "backend.concurrency",
+    "backend.max_attempts",
+    "backend.max_backoff_s",
+    "backend.poll_interval_s",
+    "backend.max_active_jobs",
+    "backend.max_job_attempts",
+)
+
+
+def differing_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted paths at which two JSON-like values differ (for "which setting changed?")."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += differing_fields(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict: ``summarize = "yes"``, ``seed = true`` or ``n_train = "60"`` are errors, not casts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class TaskConfig(_Section):
@@ -54,6 +82,9 @@ class BackendConfig(_Section):
     max_backoff_s: float = Field(default=30.0, gt=0)
     #: seconds between two polls of a fine-tuning job
     poll_interval_s: float = Field(default=10.0, gt=0)
+    #: attempts per fine-tuning job: a job that fails transiently (a server error) is submitted again,
+    #: under a new key, until this many have failed; a permanent failure is never retried
+    max_job_attempts: int = Field(default=3, ge=1)
     #: fine-tuning jobs submitted and running at once (None: all of an iteration's jobs at once).
     #: Providers cap active jobs per organisation (OpenAI: a handful); past the cap creation
     #: fails with 429 for as long as the earlier jobs run, longer than any retry budget.
@@ -76,8 +107,11 @@ class SocietyConfig(_Section):
     critic: bool = True
     #: one shared model told which agent and role it plays by a system message ("You are agent 2
     #: (critic).") in debate and training data (Unique ID ablation, paper Table 5); use with
-    #: finetune.single_agent = true
+    #: finetune.share = "all"
     unique_id: bool = False
+    #: a reply cut off at sampling.max_tokens abstains from the vote and from training data (our
+    #: rule: its last number is an intermediate result); false reads it anyway, as the paper did
+    abstain_truncated: bool = True
 
     @model_validator(mode="after")
     def _models_match_agents(self) -> SocietyConfig:
@@ -111,8 +145,11 @@ class FinetuneConfig(_Section):
     iterations: int = Field(default=2, ge=0)
     #: finetune each iteration from the base model instead of the slot's previous model
     from_base: bool = False
-    #: one model trained on the union of all agents' data, used by every agent (ablation)
-    single_agent: bool = False
+    #: who shares a finetuned model. "none": every agent its own generator and critic (the method);
+    #: "all": ONE model trained on every agent's generator and critic data and used by every agent in
+    #: every round (the paper's single-agent FT, Table 2 / Fig. 1); "agents": one generator and one
+    #: critic, each shared by all agents (our variant between the two)
+    share: Literal["none", "agents", "all"] = "none"
     spec: FinetuneSpec = FinetuneSpec()
 
 
@@ -169,15 +206,53 @@ class Recipe(_Section):
             raise ValueError("must be a non-empty file-name-safe string")
         return v
 
-    def fingerprint(self) -> str:
-        """A hash of what determines results (not where the recipe file lives)."""
+    def results_view(self) -> dict[str, Any]:
+        """The recipe less what does not change results: where the file lives, how many calls fly at
+        once, how patient retries and polls are (:data:`RUNTIME_FIELDS`, and the backend options
+        marked RUNTIME), with the backend's options filled with their defaults."""
         data = self.model_dump(mode="json", exclude={"base_dir"})
-        blob = json.dumps(data, sort_keys=True).encode()
+        for dotted in RUNTIME_FIELDS:
+            section, field = dotted.split(".")
+            data[section].pop(field, None)
+        data["backend"]["options"] = backend_options(self).results_view()
+        return data
+
+    def fingerprint(self) -> str:
+        """A hash of what determines results; a resumed run must have the same one."""
+        blob = json.dumps(self.results_view(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_toml_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = self.model_dump(mode="json", exclude={"base_dir"}, exclude_none=True)
         return data
+
+
+#: backends that finetune open models themselves (the paper finetuned those in full)
+OPEN_MODEL_BACKENDS = ("local", "vllm", "auto")
+
+
+def paper_deviations(recipe: Recipe) -> list[str]:
+    """Where a recipe deliberately differs from the paper's setting, as named switches.
+
+    Each is an improvement we believe in (algorithm.md §12), but a run that claims to reproduce a
+    paper table must not use one silently, so the report lists them.
+    """
+    out = []
+    if recipe.selection.critic_loss == "later_rounds":
+        out.append(
+            "selection.critic_loss = later_rounds: critics learn only their answers of rounds >= 1 "
+            "(paper: every assistant turn, the wrong round-0 answer of a corrected trajectory included)"
+        )
+    if recipe.society.abstain_truncated:
+        out.append(
+            "society.abstain_truncated = true: a reply cut off at max_tokens abstains from the vote "
+            "(paper: its last number votes)"
+        )
+    if recipe.backend.name in OPEN_MODEL_BACKENDS and recipe.finetune.spec.method == "lora":
+        out.append("finetune.spec.method = lora: LoRA adapters (paper: full finetuning of open models)")
+    if recipe.prompts:
+        out.append(f"prompts: {', '.join(sorted(recipe.prompts))} differ from the task's paper preset")
+    return out
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -198,13 +273,29 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "<recipe>", base_dir
     return recipe
 
 
+def shipped_recipes() -> list[str]:
+    """The names of the recipes that ship inside the package (``agentsoc/recipes/*.toml``)."""
+    return sorted(p.name.removesuffix(".toml") for p in SHIPPED.iterdir() if p.name.endswith(".toml"))
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a TOML recipe; every problem is reported against ``path``."""
+    """Read and validate a TOML recipe; every problem is reported against ``path``.
+
+    A bare name that is not a file (``arithmetic-mock``) is looked up among the recipes shipped in
+    the package, so examples work from any directory and from an installed wheel.
+    """
     p = Path(path)
+    shipped = SHIPPED / f"{p.name.removesuffix('.toml')}.toml"
+    if not p.exists() and p.parent == Path(".") and shipped.is_file():
+        p = shipped
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"{p}: no such recipe file") from None
+        raise RecipeError(
+            f"{p}: no such recipe file (shipped recipes, usable by name: {', '.join(shipped_recipes())})"
+        ) from None
+    except IsADirectoryError:
+        raise RecipeError(f"{p}: is a directory; give a recipe's .toml file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from agentsoc.backend import Backend
+from agentsoc.backend import Backend, TransientBackendError
 from agentsoc.concurrency import gather_all
 from agentsoc.prompts import PromptSet, fill
 from agentsoc.seeds import derive_seed
@@ -45,17 +45,20 @@ class DebateSettings(BaseModel):
     #: prefix every agent call with :func:`agent_id_message` (Unique ID ablation); the stored
     #: conversation stays without it, selection adds it back to the training data
     unique_id: bool = False
+    #: a reply cut off at ``max_tokens`` abstains (our rule) instead of voting its last number (the paper)
+    abstain_truncated: bool = True
 
 
-def stated_answer(task: Task, out: Completion) -> str | None:
-    """The answer a reply states, or ``None`` when it was cut off at ``max_tokens``.
+def stated_answer(task: Task, out: Completion, *, abstain_truncated: bool = True) -> str | None:
+    """The answer a reply states, or ``None`` when it was cut off at ``max_tokens`` (unless
+    ``abstain_truncated`` is off: the paper's parser reads the last number of any text).
 
     A cut-off reply has not reached its answer: the last number in it is an intermediate result
     (measured on the local demo: 0.5B critics that wrote step-by-step essays were cut off at 96
     tokens, their "answers" were partial products, and the final vote fell from 85% to 55%).
     Such an agent abstains from the vote, and selection never trains on the reply.
     """
-    return None if out.finish_reason == "length" else task.parse_answer(out.text)
+    return None if abstain_truncated and out.finish_reason == "length" else task.parse_answer(out.text)
 
 
 def agent_id_message(agent: int, role: str) -> Message:
@@ -117,7 +120,7 @@ async def debate_one(
         out = await backend.complete(model, request, sampling_for(agent, round_, "answer"))
         usage = usage + out.usage
         histories[agent].append(Message(role="assistant", content=out.text))
-        answers[agent].append(stated_answer(task, out))
+        answers[agent].append(stated_answer(task, out, abstain_truncated=settings.abstain_truncated))
         models[agent].append(model)
 
     async def summarize(agent: int, round_: int, others: Sequence[str]) -> str:
@@ -174,18 +177,28 @@ async def debate(
     settings: DebateSettings,
     *,
     on_done: Callable[[Transcript], None] | None = None,
+    on_failure: Callable[[Problem, TransientBackendError], None] | None = None,
 ) -> list[Transcript]:
     """Debate every problem, all in flight at once; the backend's limiter bounds real concurrency.
 
     ``on_done`` is called as each problem finishes (the society stores the transcript there, one
-    transaction per problem, so a crash loses at most the debates still in flight).
+    transaction per problem, so a crash loses at most the debates still in flight). With
+    ``on_failure``, a problem whose call used up its retries on a transient error is handed to it and
+    left out, and the other problems go on (the caller retries the failed ones at the end of the
+    stage); without it, that error ends the debate. A fatal error always ends it.
     """
 
-    async def run(problem: Problem) -> Transcript:
-        transcript = await debate_one(backend, task, prompts, slots, problem, settings)
+    async def run(problem: Problem) -> Transcript | None:
+        try:
+            transcript = await debate_one(backend, task, prompts, slots, problem, settings)
+        except TransientBackendError as e:
+            if on_failure is None:
+                raise
+            on_failure(problem, e)
+            return None
         if on_done is not None:
             on_done(transcript)
         return transcript
 
-    return await gather_all([run(p) for p in problems])
+    return [t for t in await gather_all([run(p) for p in problems]) if t is not None]
 

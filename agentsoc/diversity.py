@@ -33,12 +33,15 @@ import numpy as np
 
 from agentsoc.backend import Backend
 from agentsoc.concurrency import gather_all
+from agentsoc.debate import agent_id_message
 from agentsoc.records import Diversity
 from agentsoc.transcript import Transcript
 from agentsoc.types import TokenLogprobs
 from agentsoc.vote import Vote
 
-Embedder = Callable[[list[str]], "np.ndarray[Any, Any]"]
+#: texts -> one row per text: a dense array, or a SciPy sparse matrix (term frequencies: memory
+#: grows with the words used, not with texts × vocabulary — 320 MB dense at 5,000 problems)
+Embedder = Callable[[list[str]], Any]
 
 
 # -- consensus ------------------------------------------------------------------------------------
@@ -62,12 +65,12 @@ def consensus(transcripts: Sequence[Transcript], round_: int = -1) -> float | No
 def _tfidf() -> tuple[str, Embedder]:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    def embed(texts: list[str]) -> np.ndarray[Any, Any]:
+    def embed(texts: list[str]) -> Any:
         # no IDF: a response's vector then depends on that response alone, so a value is comparable
         # across iterations and methods whatever other texts are embedded in the same call
         vec = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b|[^\w\s]", sublinear_tf=True, use_idf=False)
         try:
-            return np.asarray(vec.fit_transform(texts).toarray())
+            return vec.fit_transform(texts)  # sparse (CSR): stays sparse through the cosine below
         except ValueError:  # every text empty
             return np.zeros((len(texts), 1))
 
@@ -144,36 +147,60 @@ def token_kl(p_lp: TokenLogprobs, q_lp: TokenLogprobs) -> float | None:
     return sum(kls) / len(kls) if kls else None
 
 
+#: who scores a response: an agent's round-0 model, and the agent whose ID prompt it sees (Unique ID)
+Scorer = tuple[str, int | None]
+
+
+def scorer(t: Transcript, agent: int, unique_id: bool) -> Scorer:
+    return t.agents[agent].models[0], agent if unique_id else None
+
+
+def distinct_agents(transcripts: Sequence[Transcript], unique_id: bool) -> bool:
+    """Whether any two agents differ at all (in weights, or in the ID prompt they are given).
+
+    Agents that share one model and one prompt have identical distributions: the likelihood of
+    one's response under the other is its likelihood under itself, and their KL is 0 by
+    construction — not a measurement of diversity, so it is reported as not applicable.
+    """
+    return any(len({scorer(t, j, unique_id) for j in range(len(t.agents))}) > 1 for t in transcripts)
+
+
 async def likelihood_and_kl(
-    backend: Backend, transcripts: Sequence[Transcript], *, kl: bool = True
+    backend: Backend, transcripts: Sequence[Transcript], *, kl: bool = True, unique_id: bool = False
 ) -> dict[str, float | None]:
     """NLL of each agent's round-0 response under the other agents' generators, and the token KL.
 
-    The caller checks ``backend.capabilities.score``.
+    With ``unique_id`` the agents share weights but not their prompt: agent j scores with its own ID
+    message in front, which is what makes it a different agent. The caller checks
+    ``backend.capabilities.score``.
     """
-    # one teacher-forced pass per (problem, response author i, scoring model): p_i is shared by
-    # every pair (i, j), so N² passes per problem instead of 2·N·(N−1)
-    scores: dict[tuple[int, int, str], TokenLogprobs] = {}
+    # one teacher-forced pass per (problem, response author i, scorer): p_i is shared by every
+    # pair (i, j), so N² passes per problem instead of 2·N·(N−1)
+    scores: dict[tuple[int, int, Scorer], TokenLogprobs] = {}
 
-    async def score_one(p: int, i: int, model: str) -> None:
+    async def score_one(p: int, i: int, by: Scorer) -> None:
         t = transcripts[p]
-        scores[(p, i, model)] = await backend.score(model, t.agents[i].messages[:1], t.agents[i].response(0))
+        model, context = by
+        prompt = t.agents[i].messages[:1]
+        if context is not None:
+            prompt = (agent_id_message(context, "generator"), *prompt)
+        scores[(p, i, by)] = await backend.score(model, prompt, t.agents[i].response(0))
 
-    wanted: dict[tuple[int, int, str], None] = {}
+    wanted: dict[tuple[int, int, Scorer], None] = {}
     pairs = []
     for p, t in enumerate(transcripts):
         n = len(t.agents)
         for i in range(n):
-            own = t.agents[i].models[0]
+            own = scorer(t, i, unique_id)
             for j in range(n):
-                other = t.agents[j].models[0]
+                other = scorer(t, j, unique_id)
                 if i == j:
                     continue
                 pairs.append((p, i, own, other))
                 wanted[(p, i, other)] = None
                 if kl:
                     wanted[(p, i, own)] = None
-    await gather_all([score_one(p, i, m) for p, i, m in wanted])
+    await gather_all([score_one(p, i, by) for p, i, by in wanted])
 
     results = []
     for p, i, own, other in pairs:
@@ -194,6 +221,7 @@ async def measure(
     metrics: Sequence[str] = ("consensus", "embedding", "likelihood", "kl"),
     max_scored_problems: int = 50,
     embedder: tuple[str, Embedder] | None = None,
+    unique_id: bool = False,
 ) -> Diversity:
     """Every requested diversity metric of one evaluation, with notes on what was skipped."""
     agents = len(transcripts[0].agents) if transcripts else 0
@@ -210,8 +238,15 @@ async def measure(
         out["embedder"] = name
     wanted = [m for m in ("likelihood", "kl") if m in metrics]
     if wanted and agents >= 2:
-        if backend is not None and backend.capabilities.score:
-            scored = await likelihood_and_kl(backend, transcripts[:max_scored_problems], kl="kl" in wanted)
+        if not distinct_agents(transcripts, unique_id):
+            notes.append(
+                "likelihood/kl: not applicable — the agents share one model and one prompt, so their "
+                "distributions are identical (0 by construction); compare answer and embedding diversity"
+            )
+        elif backend is not None and backend.capabilities.score:
+            scored = await likelihood_and_kl(
+                backend, transcripts[:max_scored_problems], kl="kl" in wanted, unique_id=unique_id
+            )
             if "likelihood" in wanted:
                 out["likelihood_nll"] = scored["likelihood_nll"]
             if "kl" in wanted:

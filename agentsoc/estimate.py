@@ -142,8 +142,8 @@ def _finetune(stage: Stage, recipe: Recipe, shape: _DebateShape) -> None:
     """One job per agent and role; generator examples are round 0, critic examples the whole debate."""
     s, f = recipe.society, recipe.finetune
     roles = ("generator", "critic") if s.critic else ("generator",)
-    agents = 1 if f.single_agent else s.agents
-    pool = s.agents if f.single_agent else 1  # a single-agent job trains on every agent's examples
+    agents = s.agents if f.share == "none" else 1
+    pool = 1 if f.share == "none" else s.agents  # a shared model trains on every agent's examples
     n = recipe.task.n_train * pool
     per_role = {
         "generator": n * (shape.round0_prompt + shape.answer),
@@ -152,9 +152,9 @@ def _finetune(stage: Stage, recipe: Recipe, shape: _DebateShape) -> None:
     base = s.base_models()[0]
     for role in roles:
         tokens = per_role[role] * f.spec.epochs * agents
-        stage.jobs += agents
         stage.trained_tokens += tokens
         stage.add_cost(training_cost(base, tokens))
+    stage.jobs += agents * (1 if f.share == "all" else len(roles))  # "all": one job on both roles' data
 
 
 def estimate(recipe: Recipe) -> tuple[list[Stage], str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentsoc.config import Recipe, load_recipe
+from agentsoc.config import Recipe, load_recipe, paper_deviations
 from agentsoc.records import DatasetRecord, IterationRecord, Score
 from agentsoc.store import RunStore
 
@@ -90,7 +90,7 @@ def load_run(run_dir: Path, name: str | None = None, label: str | None = None) -
     if not (run_dir / "run.sqlite").exists():
         raise ReportError(f"{run_dir}: not an agentsoc run directory (no run.sqlite)")
     recipe = load_recipe(run_dir / "recipe.toml")
-    store = RunStore.open(run_dir)
+    store = RunStore.open(run_dir, readonly=True)
     try:
         return RunSummary(
             name=name or recipe.name,
@@ -231,6 +231,19 @@ def usage_table(run: RunSummary) -> str:
     total = [sum(v[k] for v in by.values()) for k in range(3)]
     rows.append(["**total**", *(f"**{t}**" for t in total)])
     return md_table(["stage", "calls", "prompt tokens", "completion tokens"], rows)
+
+
+def _deviations(runs: Sequence[RunSummary]) -> list[str]:
+    """The switches by which the runs differ from the paper's setting (one list if they all agree)."""
+    by_run = {r.label: paper_deviations(r.recipe) for r in runs}
+    if not any(by_run.values()):
+        return ["## Settings", "", "Every switch is at the paper's setting.", ""]
+    out = ["## Settings that differ from the paper", ""]
+    if len({tuple(v) for v in by_run.values()}) == 1:
+        return out + [f"- {d}" for d in next(iter(by_run.values()))] + [""]
+    for label, devs in by_run.items():
+        out += [f"- **{label}**: " + ("; ".join(devs) if devs else "none")]
+    return [*out, ""]
 
 
 def _notes(runs: Sequence[RunSummary]) -> list[str]:
@@ -480,6 +493,7 @@ def render_run(run_dir: Path, *, plots: bool = True) -> Path:
         "",
     ]
     lines += _run_sections(run)
+    lines += _deviations([run])
     notes = _notes([run])
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
@@ -511,6 +525,7 @@ def render_compare(out_dir: Path, *, plots: bool = True) -> Path:
         lines += ["## Training data and token usage", ""]
         for r in multi:
             lines += [f"### {r.label}", "", dataset_table(r), "", usage_table(r), ""]
+    lines += _deviations(runs)
     notes = _notes(runs)
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]

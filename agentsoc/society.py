@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,12 +28,12 @@ import tomli_w
 from tqdm import tqdm
 
 from agentsoc.atomic import write_atomic, write_lines_atomic
-from agentsoc.backend import Backend, JobFailedError
-from agentsoc.concurrency import gather_all
-from agentsoc.config import Recipe, RecipeError, check_backend, create_backend, load_recipe
+from agentsoc.backend import Backend, JobFailedError, RetriesExhaustedError, TransientBackendError
+from agentsoc.config import Recipe, RecipeError, check_backend, create_backend, differing_fields, load_recipe
 from agentsoc.debate import DebateSettings, agent_id_message, debate
 from agentsoc.diversity import measure
 from agentsoc.evaluate import evaluate
+from agentsoc.lock import LOCK_FILE, RunDirBusyError, RunLock
 from agentsoc.prompts import PromptSet
 from agentsoc.records import DatasetRecord, EvalScores, IterationRecord, Role, Stage
 from agentsoc.selection import AgentData, select
@@ -57,19 +59,54 @@ def resolve_prompts(task: Task, overrides: dict[str, str], source: str = "recipe
     return task.prompts.model_copy(update=overrides)
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool) -> None:
-    """Refuse to mix two experiments in one directory; write the resolved recipe on first use."""
-    recipe_file = run_dir / "recipe.toml"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not resume:
+def prepare_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool) -> RunLock:
+    """Lock the run directory for this process, creating it if needed; refuse to mix experiments.
+
+    A new run directory is built under a temporary name (resolved recipe, database, fingerprint)
+    and renamed into place, so a kill at any moment leaves either no run or a complete empty one —
+    never a directory that can be neither resumed nor started again.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} is a file; choose another --run-dir")
+    if not (run_dir / "run.sqlite").exists():
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise RunDirError(
-                f"run directory {run_dir} is not empty; pass --resume to continue that run, or choose another --run-dir"
+                f"run directory {run_dir} is not empty and holds no agentsoc run (no run.sqlite); "
+                "choose another --run-dir"
             )
-        if not (run_dir / "run.sqlite").exists():
-            raise RunDirError(f"run directory {run_dir} has no run.sqlite: it is not an agentsoc run")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(recipe_file, tomli_w.dumps(recipe.to_toml_dict()))
+        _create_run_dir(run_dir, recipe)
+    elif not resume:
+        raise RunDirError(
+            f"run directory {run_dir} is not empty; pass --resume to continue that run, or choose another --run-dir"
+        )
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except RunDirBusyError as e:
+        raise RunDirError(str(e)) from None
+    return lock
+
+
+def _create_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.parent.glob(f".{run_dir.name}.*.creating"):  # left by a process killed mid-creation
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir.parent / f".{run_dir.name}.{os.getpid()}.creating"
+    tmp.mkdir()
+    try:
+        write_atomic(tmp / "recipe.toml", tomli_w.dumps(recipe.to_toml_dict()))
+        store = RunStore.open(tmp)
+        try:
+            store.set_meta("recipe_view", json.dumps(recipe.results_view(), sort_keys=True))
+            store.set_meta("fingerprint", recipe.fingerprint())
+        finally:
+            store.close()
+        if run_dir.exists():
+            run_dir.rmdir()  # an empty directory (or one holding only a lock file) is not a run yet
+        tmp.rename(run_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(f"could not create run directory {run_dir}: {e}") from None
 
 
 class Society:
@@ -99,6 +136,7 @@ class Society:
         self.split: Split = split or task.load(recipe.task.n_train, recipe.task.n_test, recipe.seed)
         self.progress = progress
         self._raw_backend = backend
+        self._lock = RunLock(run_dir)
         self._store: RunStore | None = None
         self._backend: Backend | None = None
         base = recipe.society.base_models()
@@ -147,15 +185,16 @@ class Society:
             resolve_prompts(eval_task, rec.evaluation.prompts or {}, "evaluation")
             eval_split = eval_task.load(ev.n_train, ev.n_test, rec.seed)
         check_backend(rec)
-        fresh = not rdir.exists()
-        prepare_run_dir(rdir, rec, resume=resume)
+        fresh = not (rdir / "run.sqlite").exists()
+        lock = prepare_run_dir(rdir, rec, resume=resume)
         try:
             backend = create_backend(rec, rdir)
         except BaseException:
+            lock.release()
             if fresh:
                 shutil.rmtree(rdir, ignore_errors=True)
             raise
-        return cls(
+        society = cls(
             rec,
             run_dir=rdir,
             backend=backend,
@@ -165,18 +204,25 @@ class Society:
             eval_task=eval_task,
             eval_split=eval_split,
         )
+        society._lock = lock
+        return society
 
     async def __aenter__(self) -> Society:
-        self._store = RunStore.open(self.run_dir)
-        stored = self._store.get_meta("fingerprint")
-        if stored is None:
-            self._store.set_meta("fingerprint", self.recipe.fingerprint())
-        elif stored != self.recipe.fingerprint():
-            self._store.close()
-            raise RunDirError(
-                f"run directory {self.run_dir} holds a run of a different recipe (fingerprint {stored}, "
-                f"this recipe {self.recipe.fingerprint()}); resume it with the recipe it was started with"
-            )
+        if not self._lock.held:
+            try:
+                self._lock.acquire()
+            except RunDirBusyError as e:
+                raise RunDirError(str(e)) from None
+        try:
+            self._store = RunStore.open(self.run_dir)
+            self._check_recipe(self._store)
+        except BaseException:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+            await self._raw_backend.aclose()
+            self._lock.release()
+            raise
         b = self.recipe.backend
         self._backend = compose(
             self._raw_backend,
@@ -187,6 +233,22 @@ class Society:
         )
         return self
 
+    def _check_recipe(self, store: RunStore) -> None:
+        """A resumed run must be the same experiment; the error names the fields that differ."""
+        stored = store.get_meta("fingerprint")
+        if stored is None:
+            store.set_meta("recipe_view", json.dumps(self.recipe.results_view(), sort_keys=True))
+            store.set_meta("fingerprint", self.recipe.fingerprint())
+        elif stored != self.recipe.fingerprint():
+            view = store.get_meta("recipe_view")
+            fields = differing_fields(json.loads(view), self.recipe.results_view()) if view else []
+            raise RunDirError(
+                f"run directory {self.run_dir} holds a run of a different recipe"
+                + (f" (these fields differ: {', '.join(fields)})" if fields else f" (fingerprint {stored})")
+                + "; resume it with the recipe it was started with (concurrency, retries, polling and timeouts "
+                "may change)"
+            )
+
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -196,6 +258,7 @@ class Society:
         finally:
             if self._store is not None:
                 self._store.close()
+            self._lock.release()
 
     @property
     def store(self) -> RunStore:
@@ -232,6 +295,7 @@ class Society:
             seed=self.recipe.seed,
             phase=phase,
             unique_id=s.unique_id,
+            abstain_truncated=s.abstain_truncated,
         )
 
     def eval_slots(self) -> list[AgentSlot]:
@@ -266,11 +330,41 @@ class Society:
             self.store.put_transcript(t)
             bar.update(1)
 
+        failed: list[tuple[Problem, TransientBackendError]] = []
+
+        async def attempt(problems: Sequence[Problem]) -> None:
+            await debate(
+                self.backend,
+                task,
+                prompts,
+                slots,
+                problems,
+                settings,
+                on_done=finished,
+                on_failure=lambda p, e: failed.append((p, e)),
+            )
+
         try:
             with self._stage(phase, work=bool(todo)):
-                await debate(self.backend, task, prompts, slots, todo, settings, on_done=finished)
+                # a problem whose call used up its retries does not stop the others; the stage ends,
+                # then the failed problems get one more round (their finished calls come from the cache)
+                await attempt(todo)
+                if failed:
+                    again = [p for p, _ in failed]
+                    failed.clear()
+                    print(
+                        f"agentsoc: {phase}: {len(again)} problem(s) used up their retries; trying them once more",
+                        file=sys.stderr,
+                    )
+                    await attempt(again)
         finally:
             bar.close()
+        if failed:
+            raise RetriesExhaustedError(
+                f"{phase}: {len(failed)} of {len(problems)} problems still failed after their retries and one more "
+                f"round ({failed[-1][1]}); finished work is saved: run the same command with --resume to continue "
+                "(raise backend.max_attempts if the server stays unreliable)"
+            )
         done = self.store.transcripts(phase)
         transcripts = [done[p.id] for p in problems]
         write_lines_atomic(self._phase_file(phase), [t.model_dump_json() for t in transcripts])
@@ -298,13 +392,14 @@ class Society:
             data = [_with_ids(d) for d in data]
         return data
 
-    def _write_datasets(self, iteration: int, data: Sequence[AgentData]) -> dict[tuple[str, Role], list[ChatExample]]:
+    def _write_datasets(self, iteration: int, data: Sequence[AgentData]) -> dict[tuple[str, str], list[ChatExample]]:
         """Export each agent's datasets and return the training sets keyed by (agent, role).
 
-        With ``single_agent`` the agents' sets are pooled into one per role (agent ``all``).
+        ``finetune.share = "agents"`` pools the agents' sets into one per role (agent ``all``);
+        ``"all"`` pools every agent's generator and critic data into one set (role ``model``).
         """
         roles: tuple[Role, ...] = ROLES if self.recipe.society.critic else ("generator",)
-        out: dict[tuple[str, Role], list[ChatExample]] = {}
+        out: dict[tuple[str, str], list[ChatExample]] = {}
         for d in data:
             for role in roles:
                 examples = list(d.generator if role == "generator" else d.critic)
@@ -323,8 +418,7 @@ class Society:
                         critic_plus_used=d.critic_plus_used if critic else None,
                     )
                 )
-                agent_key = self._agent_key(d.agent)
-                out.setdefault((agent_key, role), []).extend(examples)
+                out.setdefault((self._agent_key(d.agent), self._role_key(role)), []).extend(examples)
         return out
 
     async def finetune(self, iteration: int, data: Sequence[AgentData]) -> list[AgentSlot]:
@@ -365,7 +459,7 @@ class Society:
                 bar.update(1)
                 return agent_key, role, None
             slot = self.slots[0 if agent_key == "all" else int(agent_key)]
-            current = slot.generator if role == "generator" else slot.critic
+            current = slot.critic if role == "critic" else slot.generator
             base = base_models[slot.index] if self.recipe.finetune.from_base else current
             key = job_key(agent_key, role)
             labels = {"run": self.recipe.name, "iteration": str(iteration), "agent": agent_key, "role": role}
@@ -376,16 +470,22 @@ class Society:
 
         try:
             with self._stage(f"iter-{iteration}/finetune", work=any(self.store.get_job(k) is None for k in keys)):
-                results = await gather_all([one(a, r, ex) for (a, r), ex in sets.items()])
+                # every job runs to its end even when one fails: the others are paid for, and their true
+                # state lands in the store (agentsoc jobs), so a resumed run adopts them
+                outcomes = await asyncio.gather(*(one(a, r, ex) for (a, r), ex in sets.items()), return_exceptions=True)
         finally:
             bar.close()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        results = [o for o in outcomes if not isinstance(o, BaseException)]
         new = {(a, r): m for a, r, m in results if m is not None}
         previous = self.slots
         self.slots = [
             AgentSlot(
                 index=slot.index,
-                generator=new.get((self._agent_key(slot.index), "generator"), slot.generator),
-                critic=new.get((self._agent_key(slot.index), "critic"), slot.critic),
+                generator=new.get((self._agent_key(slot.index), self._role_key("generator")), slot.generator),
+                critic=new.get((self._agent_key(slot.index), self._role_key("critic")), slot.critic),
             )
             for slot in previous
         ]
@@ -396,8 +496,12 @@ class Society:
         return list(self.slots)
 
     def _agent_key(self, index: int) -> str:
-        """The agent a job trains for: its index, or ``all`` for the one shared model."""
-        return "all" if self.recipe.finetune.single_agent else str(index)
+        """The agent a job trains for: its index, or ``all`` when the agents share their models."""
+        return str(index) if self.recipe.finetune.share == "none" else "all"
+
+    def _role_key(self, role: Role) -> str:
+        """The role a job trains: generator or critic, or ``model`` for the one model of every role."""
+        return "model" if self.recipe.finetune.share == "all" else role
 
     @contextlib.contextmanager
     def _stage(self, phase: str, *, work: bool = True) -> Iterator[None]:
@@ -417,19 +521,56 @@ class Society:
             self.store.put_wall_time(int(match[1]), stage, time.perf_counter() - start)
 
     async def _run_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec) -> Job:
+        """Run the job ``key`` to success, resubmitting a failed one under a new attempt.
+
+        Attempt k > 1 has the key ``<key>#attempt-<k>``, so every attempt is a job of its own (the
+        backend adopts each by its key) and stays visible in ``agentsoc jobs``. A failure the backend
+        marks permanent (a file the provider rejects, nothing to train) is not retried; a transient
+        one (a server error, a lost worker) is, up to ``backend.max_job_attempts`` attempts in all,
+        counted across resumed runs.
+        """
+        limit = self.recipe.backend.max_job_attempts
+        for attempt in range(1, limit + 1):
+            attempt_key = key if attempt == 1 else f"{key}#attempt-{attempt}"
+            job = await self._await_job(attempt_key, base, examples, spec)
+            if job.state is JobState.SUCCEEDED and job.result is not None:
+                return job
+            reason = job.error or f"job ended {job.state.value} without a model"
+            if not job.retryable:
+                raise JobFailedError(
+                    job, f"fine-tuning job {job.id} for {attempt_key} failed permanently (not retried): {reason}"
+                )
+            if attempt < limit:
+                print(
+                    f"agentsoc: fine-tuning job {attempt_key} failed ({reason}); attempt {attempt + 1}", file=sys.stderr
+                )
+        raise JobFailedError(
+            job,
+            f"fine-tuning job {job.id} for {key} failed {limit} times (backend.max_job_attempts): {reason}; "
+            "finished work is saved: raise backend.max_job_attempts and run the same command with --resume",
+        )
+
+    async def _await_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec) -> Job:
+        """Submit (or find) the job ``key`` and poll it until it ends; a poll that used up its retries
+        is tried again after a pause: the job runs on without us, and nothing is lost by waiting."""
         job = self.store.get_job(key)
         if job is None:
             job = await self.backend.submit_finetune(base, examples, spec, key=key)
             self.store.put_job(job)  # recorded before it is awaited: a crash from here on resumes it
+        failures = 0
         while not job.state.terminal:
-            await asyncio.sleep(self.recipe.backend.poll_interval_s)
-            polled = await self.backend.poll_finetune(job)
+            await asyncio.sleep(self.recipe.backend.poll_interval_s * 2**failures)
+            try:
+                polled = await self.backend.poll_finetune(job)
+            except TransientBackendError:
+                failures += 1
+                if failures > 5:
+                    raise
+                continue
+            failures = 0
             if polled != job:
                 self.store.put_job(polled)
             job = polled
-        if job.state is not JobState.SUCCEEDED or job.result is None:
-            reason = job.error or f"job ended {job.state.value} without a model"
-            raise JobFailedError(job, f"fine-tuning job {job.id} for {key} failed: {reason}")
         return job
 
     async def evaluate(self, iteration: int) -> EvalScores | None:
@@ -453,7 +594,11 @@ class Society:
         if ev.diversity and transcripts and self.store.iteration(iteration).diversity is None:
             with self._stage(f"iter-{iteration}/diversity"):
                 div = await measure(
-                    transcripts, self.backend, metrics=ev.diversity, max_scored_problems=ev.diversity_problems
+                    transcripts,
+                    self.backend,
+                    metrics=ev.diversity,
+                    max_scored_problems=ev.diversity_problems,
+                    unique_id=self.recipe.society.unique_id,
                 )
             self.store.put_diversity(iteration, div)
         return scores

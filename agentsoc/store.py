@@ -45,6 +45,54 @@ CREATE TABLE IF NOT EXISTS usage (
 """
 
 
+class StoreError(Exception):
+    """The run's database cannot be used (corrupt, read-only, disk full); the message names the file
+    and what to do — an environment problem, not a bug, so it is one line, not a traceback."""
+
+
+def _environmental(e: sqlite3.DatabaseError) -> bool:
+    text = str(e).lower()
+    return any(
+        s in text for s in ("not a database", "malformed", "readonly", "read-only", "disk is full", "unable to open")
+    )
+
+
+def describe(path: Path, e: sqlite3.DatabaseError) -> str:
+    """One line for a database that failed for a reason outside agentsoc."""
+    text = str(e).lower()
+    if "not a database" in text or "malformed" in text:
+        return (
+            f"{path}: corrupt or truncated run database ({e}); move it aside and start again in a new --run-dir "
+            "(the exports under iter-*/ stay readable)"
+        )
+    if "disk is full" in text:
+        return f"{path}: the disk is full; free some space, then continue with --resume (finished work is kept)"
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return (
+            f"{path.parent}: cannot write the run database there ({e}); a run needs a writable run directory "
+            "(agentsoc jobs and report only read it)"
+        )
+    return f"{path}: {e}"
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection; ``immutable`` where even SQLite's shared-memory file cannot be made
+    (a read-only directory holding a WAL database)."""
+    if not path.is_file():
+        raise sqlite3.OperationalError(f"unable to open database file {path}")
+    uri = path.resolve().as_uri()
+    for query in ("mode=ro", "mode=ro&immutable=1"):
+        try:
+            conn = sqlite3.connect(f"{uri}?{query}", uri=True, check_same_thread=False, isolation_level=None)
+            conn.execute("SELECT count(*) FROM meta").fetchall()
+            return conn
+        except sqlite3.OperationalError as e:
+            if "not a database" in str(e) or "no such table" in str(e):
+                raise
+            last = e
+    raise last
+
+
 class RunStore:
     """The run directory's database. Open with :meth:`open`; close with :meth:`close`."""
 
@@ -54,12 +102,21 @@ class RunStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, run_dir: Path) -> RunStore:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(run_dir / "run.sqlite", check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
+    def open(cls, run_dir: Path, *, readonly: bool = False) -> RunStore:
+        """Open (or create) the run's database; ``readonly`` opens an existing one without writing,
+        so ``agentsoc jobs`` and ``report`` work on a finished run in a read-only place."""
+        path = run_dir / "run.sqlite"
+        try:
+            if readonly:
+                conn = _open_readonly(path)
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(describe(path, e)) from None
         return cls(run_dir, conn)
 
     def close(self) -> None:
@@ -68,13 +125,18 @@ class RunStore:
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> None:
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute(sql, params)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.execute(sql, params)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if _environmental(e):
+                    raise StoreError(describe(self.run_dir / "run.sqlite", e)) from None
                 raise
-            self._conn.execute("COMMIT")
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

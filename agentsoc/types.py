@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: An opaque model identifier that only the backend that issued it understands
 #: (``gpt-4o-mini-2024-07-18``, ``ft:gpt-4o-mini:org::abc``, ``qwen2.5-0.5b+adapter:/path``).
@@ -22,6 +22,12 @@ Role = Literal["system", "user", "assistant"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Strict(_Frozen):
+    """A recipe section: ``temperature = "1"`` or ``seed = true`` is an error, never a silent cast."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class Message(_Frozen):
@@ -37,7 +43,7 @@ class Message(_Frozen):
     weight: float | None = None
 
 
-class Sampling(_Frozen):
+class Sampling(_Strict):
     """Decoding parameters of one call.
 
     The core derives ``seed`` from (run, iteration, phase, problem, agent, round, sample), so two
@@ -91,13 +97,39 @@ class ChatExample(_Frozen):
         return {"messages": out}
 
 
-class FinetuneSpec(_Frozen):
+Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"]
+
+#: ``finetune.spec.preset`` values: named sets of defaults (explicit fields in the recipe still win)
+SPEC_PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's open-model training (algorithm.md §6, ft.sh): full finetuning, lr 1e-5, 2 epochs,
+    # cosine with 3% warmup, no weight decay, 2048-token sequences. The paper's effective batch of
+    # 192 gives 1-3 optimizer steps on a few hundred examples per agent; 4 x 4 = 16 gives a few dozen.
+    "paper-open-full": {
+        "method": "full",
+        "learning_rate": 1e-5,
+        "epochs": 2,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.03,
+        "weight_decay": 0.0,
+        "max_seq_len": 2048,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 4,
+    },
+}
+
+
+class FinetuneSpec(_Strict):
     """Training knobs of one fine-tuning job, in one place (TRL-style).
 
     Backends use the subset they understand: OpenAI maps ``epochs``/``batch_size``/
-    ``learning_rate_multiplier``; the local trainer uses ``learning_rate``, ``lora_*`` and
-    ``method``. The defaults are the paper's OpenAI hyperparameters (2 epochs, batch 1, LR×1).
+    ``learning_rate_multiplier``; the local and TRL trainers use ``learning_rate``, the scheduler
+    fields, ``lora_*`` and ``method``. The defaults are the paper's OpenAI hyperparameters (2 epochs,
+    batch 1, LR×1) and a constant learning rate; ``preset = "paper-open-full"`` gives the paper's
+    open-model training (:data:`SPEC_PRESETS`).
     """
+
+    #: a name from :data:`SPEC_PRESETS` whose values fill every field the recipe does not set
+    preset: Literal["paper-open-full"] | None = None
 
     epochs: int = Field(default=2, ge=1)
     batch_size: int = Field(default=1, ge=1)
@@ -108,10 +140,25 @@ class FinetuneSpec(_Frozen):
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_seq_len: int = Field(default=1024, ge=16)
+    #: micro-batches per optimizer step (effective batch = batch_size × this)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    lr_scheduler: Scheduler = "constant"
+    #: linear warmup, as a fraction of all optimizer steps
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
     suffix: str | None = None
     seed: int = 0
     #: Free-form labels (run, iteration, agent, role) a backend may attach to the job.
     metadata: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            defaults = SPEC_PRESETS.get(str(data["preset"]))
+            if defaults is not None:
+                return {**defaults, **data}
+        return data
 
 
 class JobState(StrEnum):
@@ -143,6 +190,9 @@ class Job(_Frozen):
     progress: float | None = None
     events: tuple[str, ...] = ()
     trained_tokens: int | None = None
+    #: for a failed job: whether submitting it again may succeed (a server error) or not (a file the
+    #: provider rejects, nothing to train); the society retries only the former
+    retryable: bool = True
 
 
 class TokenLogprobs(_Frozen):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -168,17 +169,7 @@ class LoraTrainer:
         return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
     def _hf_cache_dir(self) -> Path | None:
-        """Where the dequantised transformers copy of the GGUF is kept (``None``: caching off).
-
-        Dequantising the GGUF takes about a minute per process; the float32 copy (~2.5 GB) loads in
-        seconds. Keyed by the GGUF's name, size and mtime, so a changed file is never served stale.
-        """
-        if not self.options.hf_cache:
-            return None
-        from backends.bundled import cache_dir
-
-        st = self.options.model_path.stat()
-        return cache_dir() / f"hf-{self.options.model_path.stem}-{st.st_size}-{st.st_mtime_ns}"
+        return hf_cache_dir(self.options.model_path) if self.options.hf_cache else None
 
     def _save_cache(self, cache: Path) -> None:
         """Save the dequantised model atomically (temp dir + rename); a failure only costs speed."""
@@ -300,6 +291,36 @@ class LoraTrainer:
         )
 
 
+def hf_cache_dir(gguf: Path) -> Path:
+    """Where the dequantised transformers copy of a GGUF is kept.
+
+    Dequantising the GGUF takes about a minute per process; the float32 copy (~2.5 GB) loads in
+    seconds, and vLLM and the TRL jobs use it as the base model's folder. Keyed by the GGUF's name,
+    size and mtime, so a changed file is never served stale.
+    """
+    from backends.bundled import cache_dir
+
+    st = gguf.stat()
+    return cache_dir() / f"hf-{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def hf_copy(gguf: Path) -> Path:
+    """The transformers copy of ``gguf`` (with the GGUF's own chat template), made once.
+
+    It is made in a subprocess, so torch never loads into the calling process (a run's server
+    process stays small and its OpenMP runtime untouched).
+    """
+    cache = hf_cache_dir(gguf)
+    if (cache / "complete").is_file():
+        return cache
+    print(f"agentsoc: writing a transformers copy of {gguf.name} to {cache} (once; 1-3 min)", file=sys.stderr)
+    done = subprocess.run([sys.executable, "-m", "backends.hf", str(gguf)], capture_output=True, text=True)
+    if done.returncode != 0 or not (cache / "complete").is_file():
+        last = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
+        raise FatalBackendError(f"could not write the transformers copy of {gguf} to {cache}:\n{last}")
+    return cache
+
+
 def _quiet_transformers() -> None:
     """No per-tensor progress bars or known-harmless warnings in the middle of a run's output."""
     import importlib
@@ -335,3 +356,7 @@ def _gguf_chat_template(path: Path) -> str | None:
     if f is None:
         return None
     return bytes(f.parts[f.data[0]]).decode("utf-8")
+
+
+if __name__ == "__main__":  # python -m backends.hf GGUF: write its transformers copy (see hf_copy)
+    LoraTrainer(TrainerOptions(model_path=Path(sys.argv[1]))).load()

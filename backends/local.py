@@ -28,7 +28,7 @@ from agentsoc.backend import Backend, Capabilities, FatalBackendError
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs
 from backends.hf import HF_PIP, LoraTrainer, TrainerOptions
 from backends.llamacpp import LlamaCppBackend
-from backends.local_jobs import LocalJobs
+from backends.local_jobs import LocalJobs, PermanentJobError, permanent
 from backends.options import AutoOptions, LocalOptions
 from backends.refs import adapter_ref, split_ref
 
@@ -95,7 +95,7 @@ def _train_process_main(conn: Any, options: TrainerOptions, base_gguf: Path) -> 
         except BaseException as exc:
             import traceback
 
-            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), permanent(exc)))
 
 
 class TrainProcess:
@@ -149,7 +149,7 @@ class TrainProcess:
                 return str(msg[1])
             else:
                 (job_dir / "error.txt").write_text(msg[2])
-                raise RuntimeError(msg[1])
+                raise PermanentJobError(msg[1]) if msg[3] else RuntimeError(msg[1])
 
     def close(self) -> None:
         if self._proc is not None and self._proc.is_alive():

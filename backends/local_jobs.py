@@ -36,6 +36,17 @@ def safe_key(key: str) -> str:
     return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
+class PermanentJobError(Exception):
+    """A job that would fail the same way again (its input is at fault, not the machine)."""
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether a failed job's error says that training it again would fail again: bad input (nothing
+    to train, a malformed example, an adapter that cannot be converted) — unlike a worker that died
+    or ran out of memory."""
+    return isinstance(exc, PermanentJobError | FatalBackendError | ValueError)
+
+
 class JobRecord(BaseModel):
     """A job's on-disk record: the :class:`Job` the API answers with, plus what only the queue keeps
     (the longer event log and the timestamps)."""
@@ -208,7 +219,7 @@ class LocalJobs:
             result = self.runner(d, rec.job.base, examples, spec, on_step)
         except Exception as exc:
             with self._lock:
-                rec.update(state=JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
+                rec.update(state=JobState.FAILED, error=f"{type(exc).__name__}: {exc}", retryable=not permanent(exc))
                 rec.finished_at = time.time()
                 self._event(rec, "failed")
                 (d / "error.txt").write_text(traceback.format_exc())

@@ -211,6 +211,7 @@ class MockBackend:
         die_after_calls: int | None = None,
         die_after_polls: int | None = None,
         fail_jobs: bool = False,
+        flaky_jobs: int = 0,
     ) -> None:
         self.brain = MockBrain(answers)
         self.state_dir = state_dir
@@ -219,6 +220,7 @@ class MockBackend:
         self.die_after_calls = die_after_calls
         self.die_after_polls = die_after_polls
         self.fail_jobs = fail_jobs
+        self.flaky_jobs = flaky_jobs
         self.calls = 0
         self.polls = 0
         self.submissions = 0
@@ -286,7 +288,15 @@ class MockBackend:
             self.submissions += 1
             self._log("submissions.log", key)
             result = self.brain.train(base, examples, job_id)
-            rec = {"id": job_id, "key": key, "base": base, "result": result, "polls_left": self.polls_to_finish}
+            flaky = self._submitted_so_far() <= self.flaky_jobs
+            rec = {
+                "id": job_id,
+                "key": key,
+                "base": base,
+                "result": result,
+                "polls_left": self.polls_to_finish,
+                "flaky": flaky,
+            }
             self._save(rec)
         return self._to_job(rec)
 
@@ -305,14 +315,17 @@ class MockBackend:
     def _to_job(self, rec: dict[str, Any]) -> Job:
         if rec["polls_left"] > 0:
             return Job(key=rec["key"], backend=self.name, id=rec["id"], base=rec["base"], state=JobState.RUNNING)
-        if self.fail_jobs:
+        if self.fail_jobs or rec.get("flaky"):
             return Job(
                 key=rec["key"],
                 backend=self.name,
                 id=rec["id"],
                 base=rec["base"],
                 state=JobState.FAILED,
-                error="simulated failure: training file rejected",
+                error="simulated server_error: the job failed on the server"
+                if rec.get("flaky")
+                else "simulated failure: training file rejected",
+                retryable=bool(rec.get("flaky")),
             )
         return Job(
             key=rec["key"],
@@ -323,6 +336,12 @@ class MockBackend:
             result=rec["result"],
             progress=1.0,
         )
+
+    def _submitted_so_far(self) -> int:
+        """Jobs this "server" has created, this one included (persisted with ``state_dir``)."""
+        if self.state_dir is not None and (self.state_dir / "submissions.log").exists():
+            return len((self.state_dir / "submissions.log").read_text().splitlines())
+        return self.submissions
 
     async def release(self, models: Sequence[ModelRef]) -> None:
         return None
@@ -349,4 +368,5 @@ def create(options: MockOptions, run_dir: Path) -> MockBackend:
         die_after_calls=int(die_calls) if die_calls else None,
         die_after_polls=int(die_polls) if die_polls else None,
         fail_jobs=options.fail_jobs,
+        flaky_jobs=options.flaky_jobs,
     )

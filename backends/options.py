@@ -41,9 +41,27 @@ class BackendOptions(BaseModel):
             if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("affects_results") is False
         }
 
+    def results_view(self) -> dict[str, Any]:
+        """The options that change results, defaults filled in (the recipe fingerprint's part)."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            if name in self.runtime_fields():
+                continue
+            value = getattr(self, name)
+            out[name] = value.results_view() if isinstance(value, BackendOptions) else _jsonable(value)
+        return out
+
     def batch_api(self) -> bool:
         """Whether chat calls go through a provider's Batch API (the dry run halves their price)."""
         return False
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 class MockOptions(BackendOptions):
@@ -58,7 +76,10 @@ class MockOptions(BackendOptions):
     polls_to_finish: int = Field(
         default=2, ge=0, description="polls a fine-tuning job stays running", json_schema_extra=RUNTIME
     )
-    fail_jobs: bool = Field(default=False, description="every fine-tuning job fails (error-path tests)")
+    fail_jobs: bool = Field(default=False, description="every fine-tuning job fails for good (error-path tests)")
+    flaky_jobs: int = Field(
+        default=0, ge=0, description="the first N jobs the server creates fail with a transient server error"
+    )
 
 
 class OpenAIOptions(BackendOptions):
@@ -182,6 +203,13 @@ class VllmOptions(BackendOptions):
     )
     max_lora_rank: int = Field(default=8, ge=1, description="--max-lora-rank; at least finetune.spec.lora_r")
     dtype: str = Field(default="bfloat16", description="--dtype of the served model")
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="--gpu-memory-utilization of each server; with method = 'full' every finetuned model gets a "
+        "server of its own (2N + 1 on one GPU: e.g. 0.12 each)",
+    )
     max_model_len: int = Field(default=4096, ge=64, description="--max-model-len")
     server_args: tuple[str, ...] = Field(default=(), description="more command-line arguments for the server")
     server_env: dict[str, str] = Field(

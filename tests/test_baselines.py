@@ -45,24 +45,26 @@ def test_method_switches() -> None:
     d = METHODS["debate"](r)
     assert (d.society.rounds, d.finetune.iterations, d.society.summarize) == (2, 0, True)
     s = METHODS["star"](r)
-    assert (s.selection.label, s.selection.rationalize, s.society.rounds, s.finetune.single_agent) == (
+    assert (s.selection.label, s.selection.rationalize, s.society.rounds, s.finetune.share) == (
         "ground_truth",
         True,
         1,
-        True,
+        "all",
     )
     assert METHODS["majority_ft"](r).selection.label == "vote"
+    assert METHODS["single_agent_ft"](r).finetune.share == "all"  # ONE model for every agent and round
+    assert METHODS["shared_roles_ft"](r).finetune.share == "agents"
     nd = METHODS["single_agent_ft_no_debate"](r)
-    assert nd.finetune.single_agent and (nd.evaluation.agents, nd.evaluation.rounds) == (1, 1)
+    assert nd.finetune.share == "all" and (nd.evaluation.agents, nd.evaluation.rounds) == (1, 1)
     assert nd.society.rounds == 2  # trained on debate data, evaluated alone
     assert METHODS["no_summary"](r).society.summarize is False
     assert METHODS["no_critic"](r).society.critic is False
     u = METHODS["unique_id"](r)
-    assert u.society.unique_id and u.finetune.single_agent
+    assert u.society.unique_id and u.finetune.share == "all"
     five = METHODS["agents_5"](r)
     assert five.society.agents == 5 and len(five.society.base_models()) == 5
     t2 = METHODS["single_agent_ft_t2"](r)
-    assert t2.evaluation.temperature == 2.0 and t2.sampling.temperature == 1.0 and t2.finetune.single_agent
+    assert t2.evaluation.temperature == 2.0 and t2.sampling.temperature == 1.0 and t2.finetune.share == "all"
     assert METHODS["cooperative_base"](r).finetune.iterations == 0
     moved = transfer(r, {"name": "arithmetic", "n_test": 7})
     assert moved.evaluation.task is not None and moved.evaluation.task.n_test == 7
@@ -113,12 +115,10 @@ async def test_single_agent_ft_trains_one_model_on_the_union_of_agents_data(tmp_
         train = await soc.debate(soc.split.train, "iter-1/train")
         data = soc.select(train)
         sets = soc._write_datasets(1, data)
-    assert set(sets) == {("all", "generator"), ("all", "critic")}
-    assert len(sets[("all", "generator")]) == sum(len(d.generator) for d in data) > 0
-    assert len(sets[("all", "critic")]) == sum(len(d.critic) for d in data) > 0
+    assert set(sets) == {("all", "model")}  # one training set: every agent's generator and critic data
+    assert len(sets[("all", "model")]) == sum(len(d.generator) + len(d.critic) for d in data) > 0
     soc = await run(rec, tmp_path / "run")
-    slots = soc.slots
-    assert len({s.generator for s in slots}) == 1 and len({s.critic for s in slots}) == 1
+    assert len({m for s in soc.slots for m in (s.generator, s.critic)}) == 1  # every agent, every round
 
 
 async def test_no_critic_uses_generators_in_every_round(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ async def test_majority_ft_has_no_critic_data_and_votes_independent_samples(tmp_
     store = RunStore.open(run_dir)
     try:
         assert all(d.size == 0 for d in store.datasets() if d.role == "critic")
-        assert [j.key.rsplit("/", 2)[1:] for j in store.jobs()] == [["agent-all", "generator"]]
+        assert [j.key.rsplit("/", 2)[1:] for j in store.jobs()] == [["agent-all", "model"]]
         assert all(len(a.answers) == 1 for t in store.transcripts("iter-1/eval").values() for a in t.agents)
     finally:
         store.close()
@@ -202,7 +202,7 @@ async def test_unique_id_feeds_the_agent_id_in_debate_and_training_data(
         ]
         assert all(r[0]["role"] == "system" for r in agent_calls)  # every agent call carries its ID
         assert any(r[0]["content"] == "You are agent 3 (critic)." and len(r) == 4 for r in agent_calls)
-        assert [j.key.rsplit("/", 2)[1] for j in store.jobs()] == ["agent-all", "agent-all"]
+        assert [j.key.rsplit("/", 2)[1:] for j in store.jobs()] == [["agent-all", "model"]]  # ONE model
     finally:
         store.close()
 

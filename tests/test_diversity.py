@@ -12,6 +12,7 @@ from transcripts import make_transcript
 from agentsoc.diversity import (
     _tfidf,
     consensus,
+    distinct_agents,
     embedding_dissimilarity,
     likelihood_and_kl,
     measure,
@@ -96,12 +97,37 @@ async def test_measure_skips_scoring_metrics_when_the_backend_cannot_score() -> 
 async def test_single_agent_ft_loses_kl_diversity_multiagent_keeps_it(write_recipe: Any, tmp_path: Path) -> None:
     out = {}
     for name, single in (("multi", False), ("single", True)):
-        recipe = write_recipe(f"{name}.toml", **{"finetune.iterations": 1, "finetune.single_agent": single})
+        recipe = write_recipe(
+            f"{name}.toml", **{"finetune.iterations": 1, "finetune.share": "all" if single else "none"}
+        )
         async with Society.from_recipe(recipe, run_dir=tmp_path / name, progress=False) as soc:
             await soc.run()
             div = soc.store.iteration(1).diversity
             assert div is not None
             out[name] = div
-    assert out["single"].kl == pytest.approx(0.0)  # one shared model agrees with itself
+    # one shared model: its agents' KL is 0 by construction, reported as not applicable, not as 0
+    assert out["single"].kl is None and out["single"].likelihood_nll is None
+    assert any("not applicable" in n for n in out["single"].notes)
     assert out["multi"].kl is not None and out["multi"].kl > 0.1
     assert out["multi"].embedder and out["multi"].scored_problems == 20
+
+
+def test_term_vectors_stay_sparse_so_memory_grows_with_the_words_used() -> None:
+    import tracemalloc
+
+    # 2,000 problems x 3 agents, each response with words of its own: a dense term matrix would be
+    # 6,000 x ~18,000 floats (0.9 GB); sparse, it is a few MB
+    responses = [[f"agent {n} says w{p}x{n}a w{p}x{n}b w{p}x{n}c so 42" for n in range(3)] for p in range(2000)]
+    tracemalloc.start()
+    value, name = embedding_dissimilarity(responses, _tfidf())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert value is not None and 0 < value < 1 and "term-frequency" in name
+    assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MB"
+
+
+def test_agents_sharing_weights_differ_only_through_an_id_prompt() -> None:
+    shared = make_transcript("1", "4", [["4"], ["5"], ["4"]], models=["m", "m", "m"])
+    assert distinct_agents([make_transcript("1", "4", [["4"], ["5"], ["4"]])], unique_id=False)
+    assert not distinct_agents([shared], unique_id=False)
+    assert distinct_agents([shared], unique_id=True)  # same weights, a different "You are agent n" prompt

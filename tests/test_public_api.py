@@ -20,7 +20,7 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch) -> None:  # typ
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.S)
     assert code is not None
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)  # from anywhere: the example names a shipped recipe, not a path
     source = code.group(1).replace('"runs/demo"', repr(str(tmp_path / "demo")))
     exec(compile(source, "README.md", "exec"), {"__name__": "__main__"})
     assert (tmp_path / "demo" / "run.sqlite").exists()

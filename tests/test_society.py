@@ -19,7 +19,7 @@ from agentsoc.config import recipe_from_dict
 from agentsoc.records import IterationRecord
 from agentsoc.society import Society
 from agentsoc.store import RunStore
-from backends.mock import MockBackend
+from backends.mock import MockBackend, MockBrain, _last_number
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -73,8 +73,15 @@ async def test_full_mock_run_stores_everything(write_recipe: Any, tmp_path: Path
     assert (run_dir / "iter-0/eval.jsonl").exists() and (run_dir / "recipe.toml").exists()
     m = records(run_dir)
     assert [r.iteration for r in m] == [0, 1, 2] and all(r.scores is not None and len(r.scores.rounds) == 2 for r in m)
-    # the mock's finetuning helps, so the loop must show it (a broken selection would not)
-    assert m[2].scores and m[0].scores and m[2].scores.single_agent.accuracy > m[0].scores.single_agent.accuracy
+    # selection by the vote concentrates right answers: the generators' training data is more often
+    # right than the agents were (a selection that ignored the vote, or kept the losers, would not be)
+    brain = MockBrain()
+    right = [
+        brain.truth(ex["messages"][0]["content"]) == _last_number(ex["messages"][-1]["content"])
+        for n in range(3)
+        for ex in map(json.loads, _lines(run_dir, n, "generator"))
+    ]
+    assert m[0].scores is not None and sum(right) / len(right) > m[0].scores.single_agent.accuracy + 0.1
     # every stage's wall time, per iteration
     assert set(results[0].wall_s) == {"eval"} and set(results[2].wall_s) == {"train", "finetune", "eval"}
     assert all(v > 0 for r in results for v in r.wall_s.values())
@@ -84,19 +91,35 @@ async def test_full_mock_run_stores_everything(write_recipe: Any, tmp_path: Path
     assert [r.wall_s for r in again] == [r.wall_s for r in results]
 
 
-async def test_single_agent_and_no_critic_switches(write_recipe: Any, tmp_path: Path) -> None:
-    recipe = write_recipe(**{"finetune.single_agent": True, "finetune.iterations": 1})
+async def test_sharing_and_no_critic_switches(write_recipe: Any, tmp_path: Path) -> None:
+    # the paper's single-agent FT: ONE model, trained on every agent's generator and critic data,
+    # answers for every agent in every round
+    recipe = write_recipe(**{"finetune.share": "all", "finetune.iterations": 1})
     async with Society.from_recipe(recipe, run_dir=tmp_path / "single", progress=False) as soc:
+        results = await soc.run()
+        (job,) = soc.store.jobs()
+        sizes = sum(d.size for d in soc.store.datasets(1))
+    assert job.key.endswith("/agent-all/model")
+    assert {m for s in results[-1].slots for m in (s.generator, s.critic)} == {job.result}
+    examples = [ln for n in range(3) for r in ("generator", "critic") for ln in _lines(tmp_path / "single", n, r)]
+    assert len(examples) == sizes > 0
+    # one generator and one critic, each shared by the agents
+    recipe = write_recipe("roles.toml", **{"finetune.share": "agents", "finetune.iterations": 1})
+    async with Society.from_recipe(recipe, run_dir=tmp_path / "roles", progress=False) as soc:
         results = await soc.run()
         keys = sorted(j.key.rsplit("/", 2)[1] + "/" + j.key.rsplit("/", 1)[1] for j in soc.store.jobs())
     assert keys == ["agent-all/critic", "agent-all/generator"]
-    assert len({s.generator for s in results[-1].slots}) == 1
+    assert len({s.generator for s in results[-1].slots}) == 1 and len({s.critic for s in results[-1].slots}) == 1
     recipe = write_recipe("nc.toml", **{"society.critic": False, "finetune.iterations": 1})
     async with Society.from_recipe(recipe, run_dir=tmp_path / "nocritic", progress=False) as soc:
         results = await soc.run()
         assert all(j.key.endswith("generator") for j in soc.store.jobs())
         t = next(iter(soc.store.transcripts("iter-1/eval").values()))
     assert all(a.models[0] == a.models[1] for a in t.agents)
+
+
+def _lines(run_dir: Path, agent: int, role: str) -> list[str]:
+    return (run_dir / f"iter-1/data/agent-{agent}-{role}.jsonl").read_text().splitlines()
 
 
 def test_rerun_of_finished_run_sends_nothing(write_recipe: Any, tmp_path: Path) -> None:

@@ -31,9 +31,9 @@ def names() -> list[str]:
 def create(name: str, options: Mapping[str, Any], *, base_dir: Path | None = None) -> Task:
     """The task ``name`` configured by ``options``; relative paths resolve against ``base_dir``.
 
-    Raises ``ValueError`` naming the task and the offending option.
+    Raises :class:`DataError` or :class:`agentsoc.options.OptionsError` naming the task and the option.
     """
     if name not in _MODULES:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(names())}")
+        raise DataError(f"unknown task {name!r}; choose one of {', '.join(names())}")
     task: Task = importlib.import_module(_MODULES[name]).create(options, base_dir)
     return task

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks import numeric
-from agentsoc.tasks.base import Problem, Split
+from agentsoc.tasks.base import DataError, Problem, Split
 from agentsoc.tasks.files import stable_id
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
@@ -80,10 +80,10 @@ class ArithmeticTask:
 
     def load(self, n_train: int, n_test: int, seed: int) -> Split:
         if n_train < 0 or n_test < 0:
-            raise ValueError(f"task '{NAME}': n_train and n_test must be >= 0, got {n_train} and {n_test}")
+            raise DataError(f"task '{NAME}': n_train and n_test must be >= 0, got {n_train} and {n_test}")
         space = (self.options.high - self.options.low) ** len(self._letters)
         if n_train + n_test > space:
-            raise ValueError(
+            raise DataError(
                 f"task '{NAME}': pattern {self.options.pattern!r} with numbers in "
                 f"[{self.options.low}, {self.options.high}) has only {space} distinct problems, "
                 f"fewer than n_train + n_test = {n_train + n_test}"

@@ -37,7 +37,7 @@ class Split(BaseModel):
         train_q = {p.question for p in self.train}
         overlap = [p.id for p in self.test if p.question in train_q]
         if overlap:
-            raise ValueError(f"held-out problems overlap the training problems: {overlap[:5]}")
+            raise DataError(f"held-out problems overlap the training problems: {overlap[:5]}")
 
 
 class DataError(ValueError):

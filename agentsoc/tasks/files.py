@@ -21,9 +21,20 @@ def stable_id(prefix: str, text: str) -> str:
     return f"{prefix}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+def read_text(path: Path) -> str:
+    """A data file's text; a directory or a file that is not UTF-8 is a :class:`DataError` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory; give the data file itself") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+
+
 def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(location, object)`` per record of a JSONL file, or of a JSON file holding a list."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         yield from _json_list(path, text)
         return
@@ -83,7 +94,7 @@ def split(
     ``n_train``. Duplicate questions are dropped, keeping the first.
     """
     if n_train < 0 or n_test < 0:
-        raise ValueError(f"task '{task}': n_train and n_test must be >= 0, got {n_train} and {n_test}")
+        raise DataError(f"task '{task}': n_train and n_test must be >= 0, got {n_train} and {n_test}")
     train_pool = _shuffled(_unique(pool), seed)
     if test_pool is None:
         _require(task, source, len(train_pool), n_train + n_test, f"n_train + n_test = {n_train} + {n_test}")
