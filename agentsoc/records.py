@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentsoc.transcript import AgentSlot
+from agentsoc.types import Job, JobState
 
 #: the timed stages of an iteration: its training debate, its fine-tuning jobs, its held-out debate
 Stage = Literal["train", "finetune", "eval"]
@@ -93,3 +94,14 @@ class IterationRecord(_Record):
     #: STaR: rationalized examples added per agent
     rationalized: tuple[int, ...] | None = None
     datasets: tuple[DatasetRecord, ...] = ()
+    #: the fine-tuning jobs of this iteration (every attempt), with what max_seq_len cut or left out
+    jobs: tuple[Job, ...] = ()
+
+    def lost_examples(self) -> tuple[int, int, int]:
+        """(examples, cut, left out) over the iteration's succeeded jobs that report them."""
+        done = [j for j in self.jobs if j.state is JobState.SUCCEEDED and j.examples is not None]
+        return (
+            sum(j.examples or 0 for j in done),
+            sum(j.truncated or 0 for j in done),
+            sum(j.dropped or 0 for j in done),
+        )

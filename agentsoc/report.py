@@ -210,11 +210,20 @@ def dataset_table(run: RunSummary) -> str:
         gen = [str(d.size) for d in rec.datasets if d.role == "generator"]
         cri = [str(d.size) for d in rec.datasets if d.role == "critic"]
         rationalized = "–" if rec.rationalized is None else str(list(rec.rationalized))
+        n, cut, dropped = rec.lost_examples()
+        lost = f"{cut} / {dropped} of {n}" if n else "–"
         rows.append(
-            [str(rec.iteration), " / ".join(gen) or "–", " / ".join(cri) or "–", fmt(rec.label_accuracy), rationalized]
+            [
+                str(rec.iteration),
+                " / ".join(gen) or "–",
+                " / ".join(cri) or "–",
+                fmt(rec.label_accuracy),
+                rationalized,
+                lost,
+            ]
         )
     header = ["iter", "generator examples per agent", "critic examples per agent", "vote = truth on train"]
-    header.append("STaR rationalized")
+    header += ["STaR rationalized", f"cut / left out by max_seq_len ({run.recipe.finetune.spec.max_seq_len})"]
     return md_table(header, rows)
 
 

@@ -534,6 +534,7 @@ class Society:
             attempt_key = key if attempt == 1 else f"{key}#attempt-{attempt}"
             job = await self._await_job(attempt_key, base, examples, spec)
             if job.state is JobState.SUCCEEDED and job.result is not None:
+                _warn_if_lost(job, spec.max_seq_len)
                 return job
             reason = job.error or f"job ended {job.state.value} without a model"
             if not job.retryable:
@@ -643,6 +644,22 @@ class Society:
             results.append(await self.iterate(iteration))
         self.store.set_meta("finished", "1")
         return results
+
+
+#: share of a job's examples that max_seq_len may cut or leave out before the run says so
+LOST_WARNING = 0.05
+
+
+def _warn_if_lost(job: Job, max_seq_len: int) -> None:
+    if not job.examples:
+        return
+    lost = (job.truncated or 0) + (job.dropped or 0)
+    if lost / job.examples > LOST_WARNING:
+        print(
+            f"agentsoc: warning: {job.key}: max_seq_len {max_seq_len} cut {job.truncated or 0} and left out "
+            f"{job.dropped or 0} of {job.examples} training examples; raise finetune.spec.max_seq_len",
+            file=sys.stderr,
+        )
 
 
 def _prepend(example: ChatExample, message: Message) -> ChatExample:

@@ -237,7 +237,8 @@ class RunStore:
     def iteration(self, iteration: int) -> IterationRecord:
         """The record of one iteration (empty parts where nothing was stored yet)."""
         rows = self._rows("SELECT name, value FROM metrics WHERE iteration = ?", (iteration,))
-        return _record(iteration, dict(rows), self.datasets(iteration))
+        jobs = [j for j in self.jobs() if f"/iter-{iteration}/" in j.key]
+        return _record(iteration, dict(rows), self.datasets(iteration), jobs)
 
     def iterations(self) -> list[IterationRecord]:
         """Every iteration that stored anything, in order."""
@@ -247,7 +248,11 @@ class RunStore:
         datasets: dict[int, list[DatasetRecord]] = {}
         for d in self.datasets():
             datasets.setdefault(d.iteration, []).append(d)
-        return [_record(i, by.get(i, {}), datasets.get(i, [])) for i in sorted(set(by) | set(datasets))]
+        jobs = self.jobs()
+        return [
+            _record(i, by.get(i, {}), datasets.get(i, []), [j for j in jobs if f"/iter-{i}/" in j.key])
+            for i in sorted(set(by) | set(datasets))
+        ]
 
     # -- usage ----------------------------------------------------------------------------------
     def add_usage(self, stage: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -268,7 +273,9 @@ class RunStore:
         ]
 
 
-def _record(iteration: int, parts: dict[str, str], datasets: Sequence[DatasetRecord]) -> IterationRecord:
+def _record(
+    iteration: int, parts: dict[str, str], datasets: Sequence[DatasetRecord], jobs: Sequence[Job]
+) -> IterationRecord:
     wall = {
         stage: float(json.loads(parts[f"wall_s/{stage}"])) for stage in get_args(Stage) if f"wall_s/{stage}" in parts
     }
@@ -282,5 +289,6 @@ def _record(iteration: int, parts: dict[str, str], datasets: Sequence[DatasetRec
             "diversity": json.loads(parts["diversity"]) if "diversity" in parts else None,
             "rationalized": json.loads(parts["rationalized"]) if "rationalized" in parts else None,
             "datasets": [d.model_dump() for d in datasets],
+            "jobs": list(jobs),
         }
     )

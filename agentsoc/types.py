@@ -190,6 +190,11 @@ class Job(_Frozen):
     progress: float | None = None
     events: tuple[str, ...] = ()
     trained_tokens: int | None = None
+    #: training examples of the job; of them, how many had their trained span cut by max_seq_len and
+    #: how many were left out (nothing to train within it) — None where the backend cannot tell
+    examples: int | None = None
+    truncated: int | None = None
+    dropped: int | None = None
     #: for a failed job: whether submitting it again may succeed (a server error) or not (a file the
     #: provider rejects, nothing to train); the society retries only the former
     retryable: bool = True

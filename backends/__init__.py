@@ -22,6 +22,7 @@ from backends.options import (
     LocalOptions,
     MockOptions,
     OpenAIOptions,
+    VllmOptions,
 )
 
 Factory = Callable[[Any, Path], Backend]
@@ -39,6 +40,7 @@ _REGISTRY: dict[str, Entry] = {
     "local": Entry(LocalOptions, "backends.local:create"),
     "auto": Entry(AutoOptions, "backends.local:create_auto"),
     "openai": Entry(OpenAIOptions, "backends.openai:create"),
+    "vllm": Entry(VllmOptions, "backends.vllm:create"),
 }
 
 

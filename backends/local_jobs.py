@@ -227,10 +227,18 @@ class LocalJobs:
             return
         with self._lock:
             try:
-                trained: int | None = int(json.loads((d / "result.json").read_text()).get("trained_tokens", 0))
+                stats = json.loads((d / "result.json").read_text())
             except (OSError, ValueError):
-                trained = None
-            rec.update(state=JobState.SUCCEEDED, result=result, progress=1.0, trained_tokens=trained)
+                stats = {}
+            rec.update(
+                state=JobState.SUCCEEDED,
+                result=result,
+                progress=1.0,
+                trained_tokens=stats.get("trained_tokens"),
+                examples=stats.get("examples"),
+                truncated=stats.get("truncated"),
+                dropped=stats.get("dropped"),
+            )
             rec.finished_at = time.time()
             self._event(rec, f"succeeded in {time.perf_counter() - started:.0f} s")
             self._save(rec)

@@ -287,7 +287,9 @@ class MockBackend:
         if rec is None:  # adopt-before-create: a job with this key already exists on the "server"
             self.submissions += 1
             self._log("submissions.log", key)
-            result = self.brain.train(base, examples, job_id)
+            # a simulated max_seq_len: whitespace words are the tokens, and a longer example is left out
+            kept = [e for e in examples if sum(len(m.content.split()) for m in e.messages) <= spec.max_seq_len]
+            result = self.brain.train(base, kept, job_id)
             flaky = self._submitted_so_far() <= self.flaky_jobs
             rec = {
                 "id": job_id,
@@ -296,6 +298,8 @@ class MockBackend:
                 "result": result,
                 "polls_left": self.polls_to_finish,
                 "flaky": flaky,
+                "examples": len(examples),
+                "dropped": len(examples) - len(kept),
             }
             self._save(rec)
         return self._to_job(rec)
@@ -335,6 +339,9 @@ class MockBackend:
             state=JobState.SUCCEEDED,
             result=rec["result"],
             progress=1.0,
+            examples=rec.get("examples"),
+            truncated=0 if "examples" in rec else None,
+            dropped=rec.get("dropped"),
         )
 
     def _submitted_so_far(self) -> int:

@@ -123,6 +123,10 @@ class LlamaCppOptions(BackendOptions):
         default=None, description="ggml's repacked weight buffers; None = off on AMX CPUs (they crash sandboxed)"
     )
     parallel: int = Field(default=8, ge=1, description="sequences decoded together (continuous batching)")
+    deterministic: bool = Field(
+        default=False,
+        description="batch-invariant decoding: a call's text does not depend on what else is batched (slower)",
+    )
     top_logprobs: int = Field(default=5, ge=1, description="alternatives per token returned by score() (KL metric)")
     verbose: bool = Field(default=False, description="llama.cpp's own log on stderr", json_schema_extra=RUNTIME)
 
@@ -231,6 +235,12 @@ class VllmOptions(BackendOptions):
         "(None: <run dir>/adapters)",
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per training job", json_schema_extra=RUNTIME)
+    train_devices: str | None = Field(
+        default=None,
+        description="CUDA_VISIBLE_DEVICES of the local Ray instance (its jobs): GPUs the servers do not use, "
+        "e.g. '1,2,3' with server_env = { CUDA_VISIBLE_DEVICES = '0' }",
+        json_schema_extra=RUNTIME,
+    )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per training job", json_schema_extra=RUNTIME)
     job_python: str | None = Field(
         default=None, description="interpreter of the training jobs on the workers (None: this one)"

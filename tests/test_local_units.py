@@ -88,6 +88,20 @@ def test_truncation_and_spans() -> None:
     assert len(enc.input_ids) == 10 and enc.n_trained == 0
 
 
+def test_encoding_counts_what_max_seq_len_cuts_and_leaves_out() -> None:
+    from backends.hf import encode_examples
+
+    whole = ChatExample(messages=(msg("user", "q"), msg("assistant", "ab")))
+    long = ChatExample(messages=(msg("user", "q"), msg("assistant", "x" * 40)))
+    nothing = ChatExample(messages=(msg("user", "q"), msg("assistant", "ab", weight=0)))
+    length = len(build_example(whole.messages, chatml, char_tokenize, 10_000).input_ids)
+    counted = encode_examples([whole, long, nothing, long], chatml, char_tokenize, length + 5)
+    assert [len(r.input_ids) for r in counted.rows] == [length, length + 5, length + 5]
+    assert (counted.truncated, counted.dropped_too_long, counted.dropped_no_target) == (2, 0, 1)
+    tiny = encode_examples([long], chatml, char_tokenize, 20)  # the header alone fills 20 tokens
+    assert (tiny.rows, tiny.dropped_too_long) == ([], 1)
+
+
 def test_inconsistent_template_is_refused() -> None:
     def odd(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return str(len(messages)) + chatml(messages, add_generation_prompt)

@@ -10,7 +10,8 @@ from agentsoc.config import load_recipe, recipe_from_dict
 from agentsoc.estimate import dry_run, estimate
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["math-gpt35", "gsm8k-gpt35", "arithmetic-gpt35", "math-gpt4o-mini", "math-vllm"]
+RECIPES = ["math-gpt35", "gsm8k-gpt35", "arithmetic-gpt35", "math-gpt4o-mini"]
+OPEN_MODEL_RECIPES = ["math-mistral-vllm", "gsm8k-llama3-vllm", "arithmetic-phi3-vllm"]
 
 
 def recipe(**society: object) -> dict[str, object]:
@@ -56,3 +57,16 @@ def test_shipped_recipes_load_and_estimate(name: str) -> None:
     assert "Table 1" in head and "Dry run" in head and "duration" in head
     if "gpt35" in name:
         assert "shut down on 2026-10-23" in head
+
+
+@pytest.mark.parametrize("name", OPEN_MODEL_RECIPES)
+def test_open_model_recipes_estimate_gpu_hours_and_carry_their_figures(name: str) -> None:
+    r = load_recipe(ROOT / "recipes" / f"{name}.toml")
+    assert r.backend.name == "vllm" and r.finetune.spec.method == "full"  # the paper's setting
+    text = dry_run(r)
+    hours = next(line for line in text.splitlines() if line.startswith("GPU time"))
+    assert "ASSUMED" in hours and "inference ~" in hours and "training ~" in hours
+    head = (ROOT / "recipes" / f"{name}.toml").read_text().split("\nname =")[0]
+    assert "Table 1" in head and "Dry run" in head and "GPU time" in head
+    total = next(line for line in text.splitlines() if line.startswith("total")).split()
+    assert f"{int(total[1].replace(',', '')):,}" in head  # the header quotes the dry run's own figure

@@ -20,7 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "recipe",
-    ["arithmetic-gpt35.toml", "gsm8k-gpt35.toml", "math-gpt35.toml", "math-gpt4o-mini.toml", "math-vllm.toml"],
+    [
+        "arithmetic-gpt35.toml",
+        "gsm8k-gpt35.toml",
+        "math-gpt35.toml",
+        "math-gpt4o-mini.toml",
+        "math-mistral-vllm.toml",
+        "gsm8k-llama3-vllm.toml",
+        "arithmetic-phi3-vllm.toml",
+    ],
 )
 def test_recipes_that_reproduce_a_paper_table_use_the_papers_settings(recipe: str) -> None:
     assert paper_deviations(load_recipe(ROOT / "recipes" / recipe)) == []
@@ -45,3 +53,20 @@ async def test_the_report_lists_the_switches_a_run_used(write_recipe: Any, tmp_p
         await soc.run()
     text = render(tmp_path / "run", plots=False).read_text()
     assert "## Settings that differ from the paper" in text and "society.abstain_truncated = true" in text
+
+
+async def test_examples_lost_to_max_seq_len_are_counted_shown_and_warned_about(
+    write_recipe: Any, tmp_path: Path, capsys: Any
+) -> None:
+    from agentsoc.cli import summary_table
+
+    # the mock counts whitespace words as tokens: critic trajectories (~90 words) exceed 40, answers do not
+    recipe = write_recipe(**{"finetune.iterations": 1, "finetune.spec.max_seq_len": 40})
+    async with Society.from_recipe(recipe, run_dir=tmp_path / "run", progress=False) as soc:
+        results = await soc.run()
+    n, cut, dropped = results[1].lost_examples()
+    assert n > 0 and cut == 0 and 0 < dropped < n
+    assert "max_seq_len 40 cut 0 and left out" in capsys.readouterr().err
+    assert f"0 / {dropped} of {n}" in summary_table(results)
+    text = render(tmp_path / "run", plots=False).read_text()
+    assert "cut / left out by max_seq_len (40)" in text and f"0 / {dropped} of {n}" in text
