@@ -13,17 +13,22 @@ Composed once per run by :func:`compose`, outermost first::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from agentsoc.backend import Backend, TransientBackendError
 from agentsoc.store import RunStore
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs
+
+T = TypeVar("T")
 
 #: The stage a call belongs to (``iter-1/train``); set by the society, read by the meter.
 current_stage: contextvars.ContextVar[str] = contextvars.ContextVar("agentsoc_stage", default="other")
@@ -130,14 +135,26 @@ class Limited(_Wrapper):
 
 
 class Retrying(_Wrapper):
-    """The single retry layer: transient errors only, exponential back-off with full jitter,
-    the server's Retry-After honoured, a bounded number of attempts."""
+    """The single retry layer: transient errors only, exponential back-off with full jitter, the
+    server's Retry-After honoured, a bounded number of attempts — and back-off on the whole backend.
+
+    A server that says when to come back (Retry-After) or fails most recent calls is overloaded as a
+    whole: every call then waits for the same moment instead of each retrying on its own timer and
+    keeping the pressure up. Calls waiting here hold no concurrency slot (the limiter is inside).
+    """
+
+    #: recent outcomes watched for an error-rate spike, and the failing share that counts as one
+    WINDOW = 40
+    SPIKE = 0.5
 
     def __init__(self, inner: Backend, *, max_attempts: int = 6, max_backoff_s: float = 30.0, base_s: float = 0.5):
         super().__init__(inner)
         self.max_attempts = max_attempts
         self.max_backoff_s = max_backoff_s
         self.base_s = base_s
+        self._outcomes: collections.deque[bool] = collections.deque(maxlen=self.WINDOW)
+        self._spikes = 0  # consecutive spikes: the shared pause doubles with each
+        self._paused_until = 0.0  # time.monotonic() before which no call starts
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -155,32 +172,50 @@ class Retrying(_Wrapper):
             reraise=True,
         )
 
-    async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+    def _record(self, ok: bool, retry_after: float | None = None) -> None:
+        """Count an outcome; pause every call when the server asks to, or when most calls fail."""
+        self._outcomes.append(ok)
+        now = time.monotonic()
+        if retry_after is not None and retry_after > 0:
+            self._paused_until = max(self._paused_until, now + min(retry_after, self.max_backoff_s))
+        failing = self._outcomes.count(False) / len(self._outcomes)
+        if not ok and len(self._outcomes) >= self.WINDOW // 2 and failing >= self.SPIKE:
+            self._spikes += 1
+            pause = min(self.max_backoff_s, self.base_s * 2**self._spikes)
+            self._paused_until = max(self._paused_until, now + pause)
+            self._outcomes.clear()  # judge the next window afresh
+        elif ok:
+            self._spikes = 0
+
+    async def _attempts(self, call: Callable[[], Awaitable[T]]) -> T:
         async for attempt in self._retrying():
             with attempt:
-                return await self.inner.complete(model, messages, sampling)
+                delay = self._paused_until - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                try:
+                    out = await call()
+                except TransientBackendError as e:
+                    self._record(False, e.retry_after)
+                    raise
+                self._record(True)
+                return out
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+        return await self._attempts(lambda: self.inner.complete(model, messages, sampling))
 
     async def submit_finetune(
         self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, *, key: str
     ) -> Job:
         # Safe to retry only because submit_finetune adopts an existing job with the same key.
-        async for attempt in self._retrying():
-            with attempt:
-                return await self.inner.submit_finetune(base, examples, spec, key=key)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self._attempts(lambda: self.inner.submit_finetune(base, examples, spec, key=key))
 
     async def poll_finetune(self, job: Job) -> Job:
-        async for attempt in self._retrying():
-            with attempt:
-                return await self.inner.poll_finetune(job)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self._attempts(lambda: self.inner.poll_finetune(job))
 
     async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
-        async for attempt in self._retrying():
-            with attempt:
-                return await super().score(model, messages, response)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self._attempts(lambda: self.inner.score(model, messages, response))
 
 
 def compose(

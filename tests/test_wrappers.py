@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from conftest import RecordingBackend
 
 from agentsoc.backend import FatalBackendError, TransientBackendError
 from agentsoc.store import RunStore
-from agentsoc.types import Message, ModelRef, Sampling
+from agentsoc.types import Completion, Message, ModelRef, Sampling
 from agentsoc.wrappers import Cached, Limited, Metered, Retrying, compose, current_stage
 
 HELLO = [Message(role="user", content="hello")]
@@ -98,3 +99,40 @@ async def test_meter_counts_only_paid_calls_per_stage(tmp_path: Path) -> None:
     assert not backend.capabilities.score
     with pytest.raises(FatalBackendError, match="cannot score"):
         await Metered(RecordingBackend(counter_reply), store).score("m", HELLO, "x")
+
+
+class Overloaded(RecordingBackend):
+    """Answers 429 with Retry-After to the first call of seed 0, and records when each call started."""
+
+    def __init__(self, retry_after: float | None, fail_first: int = 1) -> None:
+        super().__init__(counter_reply)
+        self.retry_after = retry_after
+        self.fail_first = fail_first
+        self.started: list[tuple[int | None, float]] = []
+
+    async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+        self.started.append((sampling.seed, time.monotonic()))
+        if len(self.started) <= self.fail_first:
+            raise TransientBackendError("HTTP 429", retry_after=self.retry_after)
+        return await super().complete(model, messages, sampling)
+
+
+async def test_retry_after_pauses_every_call_not_only_the_one_that_got_it() -> None:
+    inner = Overloaded(retry_after=0.4)
+    backend = Retrying(inner, max_attempts=3, base_s=0.001)
+    first = asyncio.create_task(backend.complete("m", HELLO, Sampling(seed=0)))
+    await asyncio.sleep(0.05)  # the 429 has arrived
+    t0 = time.monotonic()
+    others = await asyncio.gather(*(backend.complete("m", HELLO, Sampling(seed=s)) for s in range(1, 4)))
+    assert all(o.text.startswith("seed") for o in [await first, *others])
+    later = [t for seed, t in inner.started if seed != 0]
+    assert min(later) - t0 >= 0.3  # the other calls waited for the server's moment too
+
+
+async def test_an_error_rate_spike_backs_off_the_whole_backend() -> None:
+    inner = Overloaded(retry_after=None, fail_first=Retrying.WINDOW)  # no hint: every call fails at first
+    backend = Retrying(inner, max_attempts=10, base_s=0.2, max_backoff_s=1.0)
+    await asyncio.gather(*(backend.complete("m", HELLO, Sampling(seed=s)) for s in range(Retrying.WINDOW)))
+    starts = sorted(t for _, t in inner.started)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert max(gaps) >= 0.35  # one shared pause (2 x base_s), not only each call's own jittered wait
