@@ -473,6 +473,7 @@ def run_job(job_dir: Path) -> dict[str, Any]:
         "device": place.device,
         "bf16": place.bf16,
         "versions": _versions(),
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if place.device == "cuda" else None,
     }
     write_atomic(out / RESULT_FILE, json.dumps(result, indent=2), durable=True)  # LAST: its presence means "done"
     return result
