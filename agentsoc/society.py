@@ -552,11 +552,21 @@ class Society:
         )
 
     async def _await_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec) -> Job:
-        """Submit (or find) the job ``key`` and poll it until it ends; a poll that used up its retries
-        is tried again after a pause: the job runs on without us, and nothing is lost by waiting."""
+        """Submit (or find) the job ``key`` and poll it until it ends. A submission or a poll that used
+        up its retries is tried again after a pause (up to 5 times): the job runs on without us, and
+        a submission adopts the job its lost predecessor may have created (by key), so nothing is
+        lost or paid twice by waiting."""
         job = self.store.get_job(key)
-        if job is None:
-            job = await self.backend.submit_finetune(base, examples, spec, key=key)
+        failures = 0
+        while job is None:
+            try:
+                job = await self.backend.submit_finetune(base, examples, spec, key=key)
+            except TransientBackendError:
+                failures += 1
+                if failures > 5:
+                    raise
+                await asyncio.sleep(self.recipe.backend.poll_interval_s * 2**failures)
+                continue
             self.store.put_job(job)  # recorded before it is awaited: a crash from here on resumes it
         failures = 0
         while not job.state.terminal:

@@ -3,10 +3,15 @@
 Both exist to avoid paying for mistakes: a training set OpenAI would reject is caught before any
 upload (with the agent and role named, not a job id), and a file uploaded before a crash is reused
 by the resumed run instead of being uploaded twice.
+
+State that must outlive the process (uploads, pending batches) is kept as one small file per
+record (:class:`RecordDir`): concurrent uploads or batches each write their own file, so none can
+overwrite another's entry, and a kill leaves every record whole or absent.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -32,6 +37,16 @@ _TOKEN_LIMITS = {
 }
 _DEFAULT_TOKEN_LIMIT = 16_385
 _ROLES = {"system", "user", "assistant"}
+#: Shutdown days of the finetunable families (OpenAI's deprecations page, reference/ecosystem.md
+#: finding 1): after this day the model — and every model finetuned from it — answers 404.
+SHUTDOWN_DATES = {
+    "gpt-3.5-turbo": dt.date(2026, 10, 23),
+    "gpt-4.1-nano": dt.date(2026, 10, 23),
+    "gpt-4o": dt.date(2027, 1, 14),
+    "gpt-4o-mini": dt.date(2027, 1, 14),
+    "gpt-4.1": dt.date(2027, 1, 14),
+    "gpt-4.1-mini": dt.date(2027, 1, 14),
+}
 
 
 def base_name(model: ModelRef) -> str:
@@ -44,6 +59,13 @@ def token_limit(model: ModelRef) -> int:
     name = base_name(model)
     best = max((p for p in _TOKEN_LIMITS if name.startswith(p)), key=len, default=None)
     return _TOKEN_LIMITS[best] if best else _DEFAULT_TOKEN_LIMIT
+
+
+def shutdown_date(model: ModelRef) -> dt.date | None:
+    """The day OpenAI shut (or shuts) down ``model``'s family, if it is in :data:`SHUTDOWN_DATES`."""
+    name = base_name(model)
+    best = max((p for p in SHUTDOWN_DATES if name.startswith(p)), key=len, default=None)
+    return SHUTDOWN_DATES[best] if best else None
 
 
 def estimate_tokens(text: str) -> int:
@@ -104,27 +126,59 @@ def training_jsonl(examples: Sequence[ChatExample], *, weights: bool) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-class JsonRecord:
-    """A small JSON file of state that must outlive the process (uploads, pending batches).
+class RecordDir:
+    """Records that must outlive the process, one small JSON file per key in one folder.
 
-    Written atomically (temp file + rename): a crash leaves the old or the new version, never half.
+    Each record is written on its own, atomically (temp file + rename): there is no shared file to
+    read, change and write back, so concurrent writers cannot lose each other's entries, and a kill
+    leaves a record whole or absent.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> dict[str, Any]:
-        if not self.path.exists():
-            return {}
-        data: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
-        return data
+    def _file(self, key: str) -> Path:
+        # the hash keeps two keys that sanitise (or truncate) to the same name apart
+        return self.path / f"{safe_name(key)[:80]}-{content_hash(key.encode())[:12]}.json"
 
-    def save(self, data: Mapping[str, Any]) -> None:
-        write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True))
+    def get(self, key: str) -> dict[str, Any] | None:
+        file = self._file(key)
+        if not file.exists():
+            return None
+        data: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
+        return data if data.get("key") == key else None
+
+    def put(self, key: str, data: Mapping[str, Any]) -> None:
+        write_atomic(self._file(key), json.dumps({**data, "key": key}, indent=2, sort_keys=True))
+
+    def delete(self, key: str) -> None:
+        self._file(key).unlink(missing_ok=True)
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        """Every record, by key (temp files of an interrupted write end in ``.tmp`` and are skipped)."""
+        out: dict[str, dict[str, Any]] = {}
+        for file in sorted(self.path.glob("*.json")) if self.path.is_dir() else []:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            out[str(data["key"])] = data
+        return out
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or ``{}`` if there is none (state files of earlier versions)."""
+    if not path.exists():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
 
 
 def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def upload_name(key: str, digest: str) -> str:
+    """The file name a training file is uploaded under: it names the job key and the content, so a
+    file uploaded by a process killed before it recorded the upload is recognised in ``files.list``."""
+    return f"agentsoc-{safe_name(key)[:80]}-{content_hash(key.encode())[:12]}-{digest[:16]}.jsonl"
 
 
 def safe_name(key: str) -> str:

@@ -47,7 +47,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,13 +104,7 @@ class JobInput(BaseModel):
 
     @classmethod
     def read(cls, job_dir: Path) -> JobInput:
-        path = job_dir / JOB_FILE
-        try:
-            return cls.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise JobError(f"no {JOB_FILE} in {job_dir}") from None
-        except ValueError as exc:
-            raise JobError(f"invalid {path}: {_one_line(exc)}") from None
+        return read_model(cls, job_dir / JOB_FILE)
 
     def resolve(self, job_dir: Path, path: Path) -> Path:
         """An absolute path stays as it is; a relative one is taken from the job directory."""
@@ -145,9 +139,13 @@ def read_examples(path: Path) -> list[ChatExample]:
     return out
 
 
-def read_spec(path: Path) -> FinetuneSpec:
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_model(model: type[M], path: Path) -> M:
+    """One of the job's JSON inputs, validated; a missing or malformed file is a :class:`JobError`."""
     try:
-        return FinetuneSpec.model_validate_json(path.read_text())
+        return model.model_validate_json(path.read_text())
     except FileNotFoundError:
         raise JobError(f"no {path.name} in {path.parent}") from None
     except ValueError as exc:
@@ -439,7 +437,7 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     if (out / RESULT_FILE).is_file():
         print(f"agentsoc-trl: {job_dir}: already done ({out / RESULT_FILE} exists)", file=sys.stderr)
         return dict(json.loads((out / RESULT_FILE).read_text()))
-    spec = read_spec(job_dir / SPEC_FILE)
+    spec = read_model(FinetuneSpec, job_dir / SPEC_FILE)
     examples = read_examples(job_dir / EXAMPLES_FILE)
     check_binary_weights(examples)
     check_init_adapter(job, job_dir, spec)

@@ -16,6 +16,7 @@ from agentsoc.backend import FatalBackendError, TransientBackendError
 from agentsoc.pricing import format_usd, training_cost, usage_cost
 from agentsoc.types import ChatExample, FinetuneSpec, JobState, Message, Sampling, Usage
 from backends.openai import OpenAIBackend, create
+from backends.openai_files import RecordDir
 from backends.options import OpenAIOptions
 
 __all__ = ["fake_openai"]
@@ -183,8 +184,8 @@ async def test_upload_is_reused_after_a_crash_before_job_creation(
     again = create(OpenAIOptions(base_url=fake_openai.base_url), tmp_path)  # a new process, same run dir
     job = await again.submit_finetune(MODEL, examples(), FinetuneSpec(metadata=LABELS), key=KEY)
     assert fake_openai.state.uploads == 1 and job.state is JobState.QUEUED
-    recorded = json.loads((tmp_path / "openai" / "uploads.json").read_text())
-    assert recorded[KEY]["file_id"] == fake_openai.state.jobs[job.id]["training_file"]
+    recorded = RecordDir(tmp_path / "openai" / "uploads").get(KEY)
+    assert recorded and recorded["file_id"] == fake_openai.state.jobs[job.id]["training_file"]
     # the training file keeps per-message weights
     line = json.loads(next(iter(fake_openai.state.files.values()))["bytes"].decode().splitlines()[0])
     assert line["messages"][1]["weight"] == 1
@@ -204,7 +205,7 @@ async def test_adopt_before_create(backend: OpenAIBackend, fake_openai: FakeOpen
 
 async def test_lost_create_response_is_adopted_not_duplicated(backend: OpenAIBackend, fake_openai: FakeOpenAI) -> None:
     spec = FinetuneSpec(metadata=LABELS)
-    await backend.submit_finetune(MODEL, examples(), spec, key=KEY)  # warms uploads.json
+    await backend.submit_finetune(MODEL, examples(), spec, key=KEY)  # warms the connection and the records
     other = KEY.replace("agent-0", "agent-1")
     labels = {**LABELS, "agent": "1"}
     # the server creates the job, then the connection drops before the client reads the answer
@@ -239,7 +240,8 @@ async def test_failed_job_quotes_openai_and_a_new_submit_replaces_it(
     while not job.state.terminal:
         job = await backend.poll_finetune(job)
     assert job.state is JobState.FAILED
-    assert job.error == 'OpenAI says: "Training file contains toxic content"'
+    assert job.error == 'OpenAI says: "Training file contains toxic content" [invalid_training_file]'
+    assert not job.retryable  # a rejected file fails the same way again: the society does not resubmit it
     fake_openai.configure(fail_jobs=False)
     retry = await backend.submit_finetune(MODEL, examples(), FinetuneSpec(metadata=LABELS), key=KEY)
     assert retry.id != job.id and fake_openai.state.jobs_created[("1", "0", "generator")] == 2
@@ -258,8 +260,9 @@ async def test_batch_path_equals_online_path(
     via_online = await asyncio.gather(*(online.complete(MODEL, m, s) for m, s in requests))
     assert via_batch == via_online
     assert len(fake_openai.state.batches) == 1 and fake_openai.state.batch_uploads == 1
-    recorded = json.loads((tmp_path / "b" / "openai" / "batches.json").read_text())
-    assert len(next(iter(recorded["batches"].values()))["custom_ids"]) == len(requests)
+    (recorded,) = RecordDir(tmp_path / "b" / "openai" / "batches").all().values()
+    assert len(recorded["custom_ids"]) == len(requests)
+    assert recorded["batch_id"] == next(iter(fake_openai.state.batches))
     await online.aclose()
     await batched.aclose()
 

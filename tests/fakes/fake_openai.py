@@ -5,12 +5,18 @@ whole stack — HTTPX2, multipart uploads, query encoding, timeouts — runs as 
 real API. Chat answers come from :class:`backends.mock.MockBrain`, so they parse and are
 deterministic by seed, and fine-tuning "improves" a model the way the mock backend does.
 
-Implemented: chat completions, models (with ``shutdown_date``), files (multipart upload, content),
-fine-tuning jobs (create, list with metadata filter, retrieve, events) and batches (create,
-retrieve). Jobs advance one state per retrieve. Faults are injected at a seeded rate: 429 with
-Retry-After, 500, a response slower than the client's timeout, a malformed JSON body, a dropped
-connection. A dropped or malformed response to a POST is sent *after* the server acted on it
-(the response was lost, not the request) — the case that makes job creation non-idempotent.
+Implemented: chat completions, models (with ``shutdown_date``), files (multipart upload, list by
+purpose with cursor pages, content), fine-tuning jobs (create, list with metadata filter, retrieve,
+events) and batches (create, retrieve, list with cursor pages). Jobs advance one state per
+retrieve. Like the real Batch API, a batch whose lines name more than one model ends ``failed``
+with a ``model_mismatch`` error in ``errors.data`` and no output file.
+
+Faults are injected at a seeded rate (at most ``fault_limit`` of them): 429 with Retry-After, 500,
+a response slower than the client's timeout, a malformed JSON body, a dropped connection. A dropped
+or malformed response to a POST is sent *after* the server acted on it (the response was lost, not
+the request) — the case that makes job, file and batch creation non-idempotent. ``respond_late``
+delays the answer to chosen requests after they took effect, so a test can kill a client while
+the server holds a file (or batch) the client has not heard of.
 """
 
 from __future__ import annotations
@@ -57,14 +63,24 @@ class FakeState:
     fault_seed: int = 0
     #: inject faults only into requests whose "METHOD /path" starts with this (None: every request)
     fault_only: str | None = None
+    #: stop injecting faults after this many (None: no limit), e.g. 1 to lose exactly one response
+    fault_limit: int | None = None
     slow_s: float = 1.0
+    #: seconds from a request's arrival to its answer; the server's own work is done within them, so a
+    #: client measured against this server is charged for its own time only (bench/openai_throughput.py)
     latency_s: float = 0.0
+    #: "METHOD /path" prefix -> seconds to wait after acting on such a request, before answering
+    respond_late: dict[str, float] = field(default_factory=dict)
     #: retrieves a job needs to go validating_files → queued → running → … → succeeded
     job_polls: int = 3
     #: retrieves a batch needs before it completes
     batch_polls: int = 2
     hold_jobs: bool = False
     fail_jobs: bool = False
+    #: the first N jobs created fail with a server error (OpenAI's transient kind)
+    flaky_jobs: int = 0
+    #: (code, message): every new batch fails validation with this error (as a real batch can)
+    fail_batches: tuple[str, str] | None = None
     refuse_finetune: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -88,6 +104,8 @@ class FakeState:
         if self._rng is None:
             self._rng = random.Random(self.fault_seed)
         if self.fault_rate <= 0 or self._rng.random() >= self.fault_rate:
+            return None
+        if self.fault_limit is not None and sum(self.faults_injected.values()) >= self.fault_limit:
             return None
         kind = self._rng.choice(self.fault_kinds)
         self.faults_injected[kind] += 1
@@ -123,6 +141,7 @@ class _Handler(JsonHandler):
     def _dispatch(self, method: str) -> None:
         st = self.server.state
         body = self._read_body()
+        arrived = time.monotonic()
         url = urllib.parse.urlsplit(self.path)
         query = urllib.parse.parse_qs(url.query)
         auth = self.headers.get("Authorization", "")
@@ -134,8 +153,8 @@ class _Handler(JsonHandler):
             # like OpenAI, the message quotes the key it was given (here in full: worst case for leaks)
             self._error(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}", "invalid_api_key")
             return
-        if st.latency_s:
-            time.sleep(st.latency_s)
+        if fault in ("429", "500", "slow"):
+            self._wait(arrived)
         if fault == "429":
             self._send(
                 429,
@@ -150,13 +169,24 @@ class _Handler(JsonHandler):
             time.sleep(st.slow_s)
             raise Drop
         status, payload, raw = self._route(method, url.path, query, body)
+        encoded = raw if raw is not None else json.dumps(payload, separators=self.json_separators).encode()
+        self._wait(arrived)  # the work is done: answer when the latency is up, not latency + work later
+        late = [s for prefix, s in st.respond_late.items() if f"{method} {url.path}".startswith(prefix)]
+        if late:
+            time.sleep(max(late))
         if fault == "drop":
             raise Drop
         if fault == "malformed" and raw is None:
             self._send(200, None, raw=json.dumps(payload).encode()[:20])
             self.close_connection = True
             return
-        self._send(status, payload, raw=raw)
+        self._send_bytes(status, encoded, "application/json" if raw is None else "application/octet-stream")
+
+    def _wait(self, arrived: float) -> None:
+        """Sleep until ``latency_s`` after the request arrived."""
+        left = arrived + self.server.state.latency_s - time.monotonic()
+        if left > 0:
+            time.sleep(left)
 
     # -- routes ---------------------------------------------------------------------------------
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> tuple[int, Any, bytes | None]:
@@ -172,6 +202,10 @@ class _Handler(JsonHandler):
                 return self._model("/".join(parts[1:]))
             if method == "POST" and parts == ["files"]:
                 return self._upload(body)
+            if method == "GET" and parts == ["files"]:
+                purpose = query.get("purpose", [None])[0]
+                files = [_file_object(fid, f) for fid, f in st.files.items() if purpose in (None, f["purpose"])]
+                return 200, _page(files, query, newest_first=query.get("order", ["desc"])[0] == "desc"), None
             if method == "GET" and parts[:1] == ["files"] and parts[2:] == ["content"]:
                 f = st.files.get(parts[1])
                 if f is None:
@@ -180,7 +214,7 @@ class _Handler(JsonHandler):
             if parts[:2] == ["fine_tuning", "jobs"]:
                 return self._jobs(method, parts[2:], query, body)
             if parts[:1] == ["batches"]:
-                return self._batches(method, parts[1:], body)
+                return self._batches(method, parts[1:], query, body)
         return 404, {"error": {"message": f"no route {method} {path}"}}, None
 
     def _chat(self, req: dict[str, Any]) -> tuple[int, Any, None]:
@@ -221,20 +255,12 @@ class _Handler(JsonHandler):
         purpose = fields.get("purpose", b"").decode()
         fid = st.new_id("file")
         st.files[fid] = {"bytes": fields["file"], "purpose": purpose, "filename": filename}
+        st.files[fid]["created_at"] = int(time.time())
         if purpose == "fine-tune":
             st.uploads += 1
         else:
             st.batch_uploads += 1
-        obj = {
-            "id": fid,
-            "object": "file",
-            "bytes": len(fields["file"]),
-            "created_at": int(time.time()),
-            "filename": filename,
-            "purpose": purpose,
-            "status": "processed",
-        }
-        return 200, obj, None
+        return 200, _file_object(fid, st.files[fid]), None
 
     def _jobs(self, method: str, rest: list[str], query: dict[str, list[str]], body: bytes) -> tuple[int, Any, None]:
         st = self.server.state
@@ -319,6 +345,7 @@ class _Handler(JsonHandler):
             "_polls": 0,
             "_tokens": tokens * int(hp.get("n_epochs", 1)),
             "_events": [f"Created fine-tuning job: {jid}", "Validating training file"],
+            "_flaky": sum(st.jobs_created.values()) <= st.flaky_jobs,
         }
         st.jobs[jid] = job
         return 200, _public(job), None
@@ -335,6 +362,10 @@ class _Handler(JsonHandler):
             if job["status"] != "running":
                 job["_events"].append("Fine-tuning job started")
             job["status"] = "running"
+        elif job.get("_flaky"):
+            job["status"] = "failed"
+            job["error"] = {"code": "server_error", "message": "An internal error occurred", "param": None}
+            job["_events"].append("Job failed: An internal error occurred")
         elif st.fail_jobs:
             job["status"] = "failed"
             job["error"] = {
@@ -350,19 +381,20 @@ class _Handler(JsonHandler):
             job["finished_at"] = int(time.time())
             job["_events"].append("The job has successfully completed")
 
-    def _batches(self, method: str, rest: list[str], body: bytes) -> tuple[int, Any, None]:
+    def _batches(self, method: str, rest: list[str], query: dict[str, list[str]], body: bytes) -> tuple[int, Any, None]:
         st = self.server.state
+        if method == "GET" and not rest:
+            return 200, _page([_public(b) for b in st.batches.values()], query, newest_first=True), None
         if method == "POST" and not rest:
             req = json.loads(body)
             f = st.files.get(req["input_file_id"])
             if f is None:
                 return 400, {"error": {"message": "invalid input_file_id"}}, None
             bid = st.new_id("batch")
+            items = [json.loads(raw) for raw in f["bytes"].decode().splitlines() if raw.strip()]
+            errors = _batch_errors(items, st.fail_batches)
             lines: list[dict[str, Any]] = []
-            for raw in f["bytes"].decode().splitlines():
-                if not raw.strip():
-                    continue
-                item = json.loads(raw)
+            for item in [] if errors else items:
                 ref = st.brain_ref(item["body"]["model"])
                 if ref is None:
                     resp = {"status_code": 404, "body": {"error": {"message": "model not found"}}}
@@ -373,6 +405,7 @@ class _Handler(JsonHandler):
                     {"id": f"{bid}-{len(lines)}", "custom_id": item["custom_id"], "response": resp, "error": None}
                 )
             st.batches[bid] = {
+                "_models": sorted({item["body"]["model"] for item in items}),
                 "id": bid,
                 "object": "batch",
                 "endpoint": req["endpoint"],
@@ -382,18 +415,26 @@ class _Handler(JsonHandler):
                 "created_at": int(time.time()),
                 "output_file_id": None,
                 "error_file_id": None,
+                "errors": None,
+                "failed_at": None,
                 "metadata": req.get("metadata"),
-                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+                "request_counts": {"total": len(items), "completed": 0, "failed": 0},
                 "_lines": lines,
+                "_errors": errors,
                 "_polls": 0,
             }
             return 200, _public(st.batches[bid]), None
         batch = st.batches.get(rest[0]) if rest else None
         if method == "GET" and batch is not None:
             batch["_polls"] += 1
-            if batch["status"] != "completed":
+            if batch["_errors"] and batch["status"] == "validating":
+                # validation failed: no output, the reasons in errors.data (as the real API reports)
+                batch.update(status="failed", failed_at=int(time.time()))
+                batch["errors"] = {"object": "list", "data": batch["_errors"]}
+                batch["request_counts"]["failed"] = batch["request_counts"]["total"]
+            if batch["status"] not in ("completed", "failed"):
                 batch["status"] = "in_progress"
-            if batch["_polls"] >= st.batch_polls and batch["status"] != "completed":
+            if batch["_polls"] >= st.batch_polls and batch["status"] == "in_progress":
                 out = "".join(json.dumps(line) + "\n" for line in batch["_lines"]).encode()
                 fid = st.new_id("file")
                 st.files[fid] = {"bytes": out, "purpose": "batch_output", "filename": f"{batch['id']}_output.jsonl"}
@@ -422,6 +463,52 @@ def chat_response(st: FakeState, req: dict[str, Any], ref: str) -> dict[str, Any
 
 def _public(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+
+def _file_object(fid: str, f: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": fid,
+        "object": "file",
+        "bytes": len(f["bytes"]),
+        "created_at": f.get("created_at", 0),
+        "filename": f["filename"],
+        "purpose": f["purpose"],
+        "status": "processed",
+    }
+
+
+def _page(items: list[dict[str, Any]], query: dict[str, list[str]], *, newest_first: bool) -> dict[str, Any]:
+    """One cursor page (``limit``, ``after``) of objects whose ids sort by creation."""
+    items = sorted(items, key=lambda o: str(o["id"]), reverse=newest_first)
+    after = query.get("after", [None])[0]
+    if after is not None:
+        ids = [o["id"] for o in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    limit = int(query.get("limit", ["20"])[0])
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
+
+
+def _batch_errors(items: list[dict[str, Any]], forced: tuple[str, str] | None) -> list[dict[str, Any]]:
+    """Why the Batch API would refuse this input file: one model per batch (``model_mismatch``)."""
+    if forced is not None:
+        return [{"code": forced[0], "message": forced[1], "param": None, "line": None}]
+    first = items[0]["body"]["model"] if items else None
+    for i, item in enumerate(items):
+        model = item["body"]["model"]
+        if model != first:
+            message = (
+                f"The model '{model}' on line {i + 1} does not match '{first}', the model of the batch's "
+                "first line. A batch can only contain requests for one model."
+            )
+            return [{"code": "model_mismatch", "message": message, "param": "body.model", "line": i + 1}]
+    return []
 
 
 class FakeOpenAI(FakeServer[FakeState]):
