@@ -69,11 +69,11 @@ def problems(model: type[BaseModel], exc: ValidationError) -> list[OptionProblem
 
 def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The field names of the (nested) model at ``loc``, for close-match hints."""
-    current: Any = model
+    current = model
     for part in loc:
-        info = getattr(current, "model_fields", {}).get(str(part))
-        annotation = getattr(info, "annotation", None)
+        info = current.model_fields.get(str(part))
+        annotation = info.annotation if info is not None else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         current = annotation
-    return list(getattr(current, "model_fields", {}))
+    return list(current.model_fields)

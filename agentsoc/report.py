@@ -82,7 +82,7 @@ class RunSummary:
 
     def diversity(self, iteration: int, key: str) -> float | None:
         div = next((r.diversity for r in self.records if r.iteration == iteration), None)
-        value = getattr(div, key, None) if div is not None else None
+        value = div.model_dump().get(key) if div is not None else None
         return None if value is None else float(value)
 
 

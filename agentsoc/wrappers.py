@@ -158,7 +158,7 @@ class Retrying(_Wrapper):
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
-        hint = getattr(exc, "retry_after", None)
+        hint = exc.retry_after if isinstance(exc, TransientBackendError) else None
         if isinstance(hint, int | float) and hint >= 0:
             return min(float(hint), self.max_backoff_s)
         cap = min(self.max_backoff_s, self.base_s * 2 ** (state.attempt_number - 1))
