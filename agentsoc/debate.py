@@ -201,4 +201,3 @@ async def debate(
         return transcript
 
     return [t for t in await gather_all([run(p) for p in problems]) if t is not None]
-

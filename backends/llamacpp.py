@@ -18,12 +18,17 @@ adapter per batch). Scoring uses the ``Llama`` object's own single-sequence cont
 on a dedicated single-thread executor: llama.cpp calls from two OS threads get two OpenMP teams
 that slow each other down (measured 25.7 -> 17.4 tokens/s on 2 cores).
 
-Determinism: each call samples with its own seeded sampler, and its KV sequence starts empty,
-so the same messages, sampling and seed give the same text whatever was generated before, as
-long as the same calls share the batch. Which other sequences share a decode changes ggml's
-floating-point rounding, so a call run alone and the same call run in a batch can part ways
-(measured: 1 of 4 sampled answers differed). Runs stay reproducible through the call cache:
-a resumed run replays stored completions instead of sampling again.
+Determinism: each call samples with its own seeded sampler and its KV sequence starts empty, and
+by default (``deterministic = true``) decoding is batch-invariant (``backends/llamacpp_batch.py``
+says how): the same call gives the same text alone or in any batch, so a fresh rerun of a run
+reproduces its transcripts on the same machine and build. With ``deterministic = false`` which
+other calls share a decode (which depends on arrival timing) changes ggml's floating-point
+rounding, and a fresh rerun parts ways from the first (measured with ``bench/local_determinism.py``:
+no call kept bitwise identical logits inside random batches; 2 of 13 sampled texts of 48 tokens
+changed). Batch-invariant mode loads the model without repacked weights and sets
+``GGML_CPU_TILED_MM=0`` (ggml reads it once per process, so a deterministic backend must be the
+process's first to load a model, or the variable set before; otherwise it refuses to start). It
+costs nothing measurable on 2 cores: 54.0 vs 50.9 tokens/s, 24 calls at once (same bench).
 
 AMX: ggml's AMX kernels (used through "extra buffer types" for repacked weights) crash with
 SIGSEGV at ``ldtilecfg`` on kernels/sandboxes that do not grant AMX tile state, which is the case
@@ -42,6 +47,7 @@ import concurrent.futures
 import ctypes
 import functools
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -85,6 +91,38 @@ def cpu_has_amx() -> bool:
     return "amx_tile" in cpu_flags()
 
 
+#: ggml's switch for its tiled K-quant matrix product, on by default; ggml takes that kernel from 8
+#: rows up, so with it a row's rounding depends on how many rows share its decode. ggml reads the
+#: variable once per process, at its first matrix product.
+TILED_MM_ENV = "GGML_CPU_TILED_MM"
+#: whether the tiled product was on when this process first loaded a model (None: none loaded yet)
+_tiled_mm_at_first_load: bool | None = None
+
+
+def tiled_mm_on() -> bool:
+    """What ggml will make of ``GGML_CPU_TILED_MM``: unset or a non-zero integer (C ``atoi``) is on."""
+    value = os.environ.get(TILED_MM_ENV)
+    if value is None:
+        return True
+    digits = re.match(r"\s*[+-]?\d+", value)
+    return digits is not None and int(digits.group()) != 0
+
+
+def prepare_tiled_mm(deterministic: bool) -> None:
+    """Before loading a model: deterministic mode needs the tiled product off in this process."""
+    global _tiled_mm_at_first_load
+    if deterministic and tiled_mm_on():
+        if _tiled_mm_at_first_load:
+            raise FatalBackendError(
+                f"the llamacpp option deterministic needs ggml's tiled matrix product off ({TILED_MM_ENV}=0), "
+                "which ggml reads once per process, and this process already loaded a model with it on. "
+                f"Fix: set {TILED_MM_ENV}=0 in the environment, or create the deterministic backend first"
+            )
+        os.environ[TILED_MM_ENV] = "0"
+    if _tiled_mm_at_first_load is None:
+        _tiled_mm_at_first_load = tiled_mm_on()
+
+
 def import_llama_cpp() -> Any:
     try:
         import llama_cpp
@@ -126,6 +164,9 @@ class LlamaCppBackend:
         extra = self.options.extra_buffers
         if extra is None:
             extra = not cpu_has_amx()
+        if self.options.deterministic:
+            extra = False  # repacked weights: blocks of 4 rows and the rest take kernels that round differently
+        prepare_tiled_mm(self.options.deterministic)
         start = time.perf_counter()
         llm = _construct_llama(
             llama_cpp,
@@ -157,6 +198,7 @@ class LlamaCppBackend:
             n_batch=self.options.n_batch,
             n_threads=self.options.n_threads or usable_cpus(),
             attach=self._attach,
+            deterministic=self.options.deterministic,
         )
         self._llm = llm
         return llm

@@ -16,6 +16,31 @@ The sampler chain is llama-cpp-python's default for chat completions (top-k 40, 
 0.05, temperature, seeded draw; greedy at temperature 0), so a recipe means the same thing
 with and without batching.
 
+Determinism. Each call samples with its own seeded sampler, but by default its logits depend on
+what else shares its decodes, and that depends on when calls arrive (the event loop admits them
+while this thread decodes). What changes a row's floating-point result in llama.cpp 0.3.36 on
+the CPU (read in ggml's source, confirmed by comparing logits bitwise):
+
+- the unified KV pool: a finished sequence leaves a hole, the running ones' next tokens fill it,
+  and flash attention accumulates over a sequence's cells in pool order, not position order;
+- kernels chosen by the number of rows: one row uses ``vec_dot`` where two or more use llamafile's
+  sgemm, and one query over >= 512 cells splits the KV across threads; repacked weights
+  (``extra_buffers``) run blocks of 4 rows with one kernel and the rest with another; K-quant
+  weights take a tiled product from 8 rows; flash attention tiles from 64 query rows;
+- prompt chunks mixed with other sequences' rows, cut wherever the step's budget ended.
+
+``deterministic`` mode (the backend option) makes every row's numerics independent of its
+batch-mates instead of trying to make the schedule repeatable, which no wall-clock-free rule
+could: one KV stream per sequence (``kv_unified = False``), so a sequence's cells sit in position
+order from cell 0; flash attention on; a decode step holds one row per sequence id over a range
+of consecutive ids (llama.cpp then decodes it as one piece) and at least two rows, an id without
+a generating sequence getting a filler row that is removed after the decode (a spare stream
+serves a call alone); each prompt chunk is decoded alone and ends at a multiple of ``n_batch``.
+The backend loads the model without repacked weights and turns ggml's tiled K-quant product off
+(``GGML_CPU_TILED_MM=0``). Then the same call (messages, sampling, seed) gives the same text
+alone or among any other calls (``bench/local_determinism.py``: logits bitwise identical at every
+step), so a fresh rerun of a run reproduces its transcripts on the same machine and build.
+
 Everything here runs on the backend's one llama.cpp thread; the backend's queue, fed in through
 ``run(feed)``, is the only thing shared with other threads.
 """
@@ -37,6 +62,8 @@ TOP_K = 40
 MIN_P = 0.05
 #: llama.cpp's "pick a random seed" value, used when a call carries no seed
 RANDOM_SEED = 0xFFFFFFFF
+#: token of the filler rows of deterministic mode (any valid id; its output is discarded)
+FILLER_TOKEN = 0
 
 
 @dataclass
@@ -90,24 +117,36 @@ class BatchEngine:
         n_batch: int,
         n_threads: int,
         attach: Callable[[Any, str | None], None],
+        deterministic: bool = False,
     ) -> None:
-        """``model`` is the loaded ``llama_model``; ``attach(ctx, adapter)`` sets the context's adapter."""
+        """``model`` is the loaded ``llama_model``; ``attach(ctx, adapter)`` sets the context's adapter.
+
+        ``deterministic``: batch-invariant decoding (see the module docstring); the model must then
+        have been loaded without repacked weight buffers.
+        """
         self._L = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.deterministic = deterministic
+        # streams: one KV stream per sequence, plus a spare one for a filler row (deterministic)
+        n_streams = n_seq + 1 if deterministic else n_seq
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx_seq * n_seq
+        params.n_ctx = n_ctx_seq * n_streams
         params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = n_seq
-        params.kv_unified = True
+        params.n_seq_max = n_streams
+        # default: one KV pool for all sequences (kv_unified). With a stream per sequence llama.cpp
+        # splits a batch into pieces of consecutive sequence ids with equally many tokens each, and
+        # this engine's mixed batches decoded 35% slower (measured 33 vs 51 tokens/s, 8 sequences).
+        # The pool has room for every sequence at its full length. Deterministic mode needs a
+        # stream per sequence and shapes its batches so that llama.cpp never splits them.
+        params.kv_unified = not deterministic
+        if deterministic:
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_threads = params.n_threads_batch = n_threads
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise FatalBackendError(f"llama.cpp could not create a context for {n_seq} sequences of {n_ctx_seq} tokens")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_seq = n_seq
-        # one KV pool for all sequences (kv_unified): with a pool per sequence llama.cpp splits a
-        # batch into equal-length pieces per sequence and decodes 35% slower (measured 33 vs 51
-        # tokens/s, 8 sequences). The pool has room for every sequence at its full length.
         self.n_ctx_seq = n_ctx_seq
         self.n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -115,10 +154,12 @@ class BatchEngine:
         self._adapter: str | None = None
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, _Running] = {}
-        #: counters for benchmarks and tests: adapter switches, decode calls, sequences per decode
+        #: counters for benchmarks and tests: adapter switches, decode calls, sequences per decode,
+        #: filler rows decoded (deterministic mode)
         self.switches = 0
         self.decodes = 0
         self.max_batch_seqs = 0
+        self.fillers = 0
 
     def run(self, feed: Callable[[], list[Request]]) -> None:
         """Decode until no call is waiting or running; ``feed()`` hands over newly queued calls."""
@@ -203,6 +244,12 @@ class BatchEngine:
         return chain
 
     def _step(self) -> None:
+        if self.deterministic:
+            self._step_invariant()
+        else:
+            self._step_mixed()
+
+    def _step_mixed(self) -> None:
         """One ``llama_decode``: each generating sequence's last token, then prompt chunks."""
         b = self._batch
         b.n_tokens = 0
@@ -228,20 +275,87 @@ class BatchEngine:
             for i, token in enumerate(chunk):
                 add(r, token, not r.todo and i == len(chunk) - 1)
         self.max_batch_seqs = max(self.max_batch_seqs, sum(1 for r in self._running.values() if r.row >= 0 or r.todo))
-        rc = self._L.llama_decode(self._ctx, b)
+        self._decode()
+        for r in list(self._running.values()):
+            self._sample(r)
+
+    def _decode(self) -> None:
+        rc = self._L.llama_decode(self._ctx, self._batch)
         self.decodes += 1
         if rc != 0:
             raise FatalBackendError(f"llama_decode failed ({rc}) with {len(self._running)} sequences")
-        for r in list(self._running.values()):
-            if r.row < 0:
-                continue
-            token = int(self._L.llama_sampler_sample(r.sampler, self._ctx, r.row))
-            if self._L.llama_vocab_is_eog(self._vocab, token):
-                self._finish(r, "stop")
-                continue
-            r.out.append(token)
-            if len(r.out) >= r.request.sampling.max_tokens or r.pos >= self.n_ctx_seq:
-                self._finish(r, "length")
+
+    def _sample(self, r: _Running) -> None:
+        """Sample ``r``'s next token from its row of the last decode (if it has one)."""
+        if r.row < 0:
+            return
+        token = int(self._L.llama_sampler_sample(r.sampler, self._ctx, r.row))
+        r.row = -1
+        if self._L.llama_vocab_is_eog(self._vocab, token):
+            self._finish(r, "stop")
+            return
+        r.out.append(token)
+        if len(r.out) >= r.request.sampling.max_tokens or r.pos >= self.n_ctx_seq:
+            self._finish(r, "length")
+
+    def _step_invariant(self) -> None:
+        """Batch-invariant step: one decode of every generating sequence, then prompt chunks alone.
+
+        The decode holds one row per sequence id from the lowest to the highest generating one
+        (consecutive ids, so llama.cpp decodes it as one piece), at least two rows; an id without
+        a generating sequence gets a filler row at its stream's next position, removed again
+        after the decode. Each prompt chunk is decoded in a call of its own and ends at a multiple
+        of ``n_batch``, so how a prompt is cut depends on the prompt alone.
+        """
+        L, b = self._L, self._batch
+        generating = sorted(r.seq for r in self._running.values() if not r.todo)
+        if generating:
+            lo, hi = generating[0], max(generating[-1], generating[0] + 1)  # seq n_seq is the spare stream
+            b.n_tokens = 0
+            fillers: list[tuple[int, int]] = []
+            for seq in range(lo, hi + 1):
+                r = self._running.get(seq)
+                if r is not None and not r.todo:
+                    self._add(seq, r.out[-1], r.pos, True)
+                    r.row = b.n_tokens - 1
+                    r.pos += 1
+                else:  # logits too: the output layer's product must also see >= 2 rows
+                    pos = r.pos if r is not None else 0
+                    self._add(seq, FILLER_TOKEN, pos, True)
+                    fillers.append((seq, pos))
+            self.max_batch_seqs = max(self.max_batch_seqs, len(generating))
+            self.fillers += len(fillers)
+            try:
+                self._decode()
+            finally:
+                for seq, pos in fillers:
+                    L.llama_memory_seq_rm(self._mem, seq, pos, -1)
+            for seq in generating:
+                self._sample(self._running[seq])
+        budget = self.n_batch
+        for r in sorted(self._running.values(), key=lambda r: r.seq):
+            while r.todo and budget > 0:
+                n = self.n_batch - r.pos % self.n_batch  # up to the next multiple of n_batch
+                chunk, r.todo = r.todo[:n], r.todo[n:]
+                b.n_tokens = 0
+                for i, token in enumerate(chunk):
+                    self._add(r.seq, token, r.pos + i, not r.todo and i == len(chunk) - 1)
+                r.row = b.n_tokens - 1 if not r.todo else -1
+                r.pos += len(chunk)
+                budget -= len(chunk)
+                self.max_batch_seqs = max(self.max_batch_seqs, 1)
+                self._decode()
+                self._sample(r)
+
+    def _add(self, seq: int, token: int, pos: int, logits: bool) -> None:
+        b = self._batch
+        k = b.n_tokens
+        b.token[k] = token
+        b.pos[k] = pos
+        b.n_seq_id[k] = 1
+        b.seq_id[k][0] = seq
+        b.logits[k] = logits
+        b.n_tokens += 1
 
     def _finish(self, r: _Running, outcome: str | BaseException) -> None:
         del self._running[r.seq]

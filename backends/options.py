@@ -124,8 +124,11 @@ class LlamaCppOptions(BackendOptions):
     )
     parallel: int = Field(default=8, ge=1, description="sequences decoded together (continuous batching)")
     deterministic: bool = Field(
-        default=False,
-        description="batch-invariant decoding: a call's text does not depend on what else is batched (slower)",
+        default=True,
+        description=(
+            "batch-invariant decoding: a call's text does not depend on what else is batched, so a fresh "
+            "rerun reproduces a run (measured cost: none, bench/local_determinism.py); false: ggml's fastest kernels"
+        ),
     )
     top_logprobs: int = Field(default=5, ge=1, description="alternatives per token returned by score() (KL metric)")
     verbose: bool = Field(default=False, description="llama.cpp's own log on stderr", json_schema_extra=RUNTIME)

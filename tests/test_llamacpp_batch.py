@@ -13,12 +13,23 @@ from backends.llamacpp_batch import BatchEngine, Generated, Request
 from tests.fakes.llama_lowlevel import FakeLlamaCpp
 
 
-def engine(ll: FakeLlamaCpp, *, n_seq: int = 4, n_ctx_seq: int = 64, n_batch: int = 32) -> BatchEngine:
+def engine(
+    ll: FakeLlamaCpp, *, n_seq: int = 4, n_ctx_seq: int = 64, n_batch: int = 32, deterministic: bool = False
+) -> BatchEngine:
     def attach(ctx: Any, adapter: str | None) -> None:
         ptrs = [ll.llama_adapter_lora_init(None, adapter.encode())] if adapter else []
         ll.llama_set_adapters_lora(ctx, ptrs, len(ptrs), None)
 
-    return BatchEngine(ll, "model", n_seq=n_seq, n_ctx_seq=n_ctx_seq, n_batch=n_batch, n_threads=1, attach=attach)
+    return BatchEngine(
+        ll,
+        "model",
+        n_seq=n_seq,
+        n_ctx_seq=n_ctx_seq,
+        n_batch=n_batch,
+        n_threads=1,
+        attach=attach,
+        deterministic=deterministic,
+    )
 
 
 def req(prompt: list[int], adapter: str | None = None, **sampling: Any) -> Request:
@@ -140,3 +151,111 @@ def test_close_fails_what_is_still_queued() -> None:
     e.close()
     with pytest.raises(FatalBackendError, match="closed"):
         waiting.future.result()
+
+
+# ---------------------------------------------------------------- deterministic (batch-invariant) mode
+
+
+def staggered(e: BatchEngine, requests: list[Request], arrivals: list[int]) -> list[Generated]:
+    """Feed ``requests[i]`` at the ``arrivals[i]``-th call of ``feed`` (one call per engine step)."""
+    calls = 0
+
+    def feed() -> list[Request]:
+        nonlocal calls
+        calls += 1
+        return [r for r, at in zip(requests, arrivals, strict=True) if at == calls]
+
+    while calls < max(arrivals):  # the engine returns when idle; the backend would restart it
+        e.run(feed)
+    return [r.future.result(timeout=5) for r in requests]
+
+
+def assert_invariant_shapes(ctx: Any, n_batch: int, n_seq: int) -> None:
+    """Every decode is a prompt chunk of one sequence that ends at the next multiple of ``n_batch``
+    (or at the prompt's end), or one token per sequence for >= 2 consecutive sequence ids, all
+    with logits: the shapes for which a row's numerics do not depend on the other rows."""
+    for rows in ctx.rows:
+        seqs = [seq for seq, _, _, _ in rows]
+        if len(set(seqs)) == 1:  # a prompt chunk
+            positions = [pos for _, pos, _, _ in rows]
+            assert positions[0] % n_batch == 0 and len(rows) <= n_batch, rows
+            assert positions == list(range(positions[0], positions[0] + len(rows))), rows
+            assert not any(logits for _, _, _, logits in rows[:-1]), rows
+        else:  # a decode step
+            assert len(rows) >= 2 and seqs == list(range(seqs[0], seqs[0] + len(rows))), rows
+            assert all(logits for _, _, _, logits in rows), rows
+            assert seqs[-1] <= n_seq  # n_seq itself is the spare stream
+
+
+def test_deterministic_mode_gives_every_sequence_a_stream_and_flash_attention() -> None:
+    ll = FakeLlamaCpp()
+    engine(ll, n_seq=4, n_ctx_seq=64, deterministic=True)
+    ctx = ll.contexts[0]
+    assert not ctx.kv_unified and ctx.flash_attn_type == ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert ctx.n_seq == 5 and ctx.n_ctx == 5 * 64  # one spare stream for a filler row
+    engine(ll, n_seq=4, n_ctx_seq=64)
+    assert ll.contexts[1].kv_unified and ll.contexts[1].n_seq == 4
+
+
+def test_deterministic_mode_a_call_alone_still_decodes_two_rows() -> None:
+    ll = FakeLlamaCpp()
+    e = engine(ll, n_seq=1, n_batch=8, deterministic=True)
+    (out,) = run(e, [req([*range(100, 110), 111], max_tokens=3)])
+    assert out.text == "<112><113><114>"
+    ctx = ll.contexts[0]
+    # the prompt in chunks [0, 8) and [8, 11), then decode steps of the call plus a filler on the spare stream
+    assert [len(rows) for rows in ctx.rows] == [8, 3, 2, 2]
+    assert all([seq for seq, *_ in rows] == [0, 1] for rows in ctx.rows[2:])
+    assert e.fillers == 2 and ctx.kv == {}  # fillers are removed after each decode
+    assert_invariant_shapes(ctx, 8, 1)
+
+
+def test_deterministic_mode_same_texts_alone_and_in_any_batch() -> None:
+    """Random prompts, lengths and arrival steps: each call gives what it gives alone (and what the
+    default mode gives), and every decode has a batch-invariant shape."""
+    import random
+
+    rng = random.Random(7)
+    n_batch, n_seq = 8, 3
+    prompts = [[*range(100 * i + 10, 100 * i + 10 + rng.randint(0, 19)), 100 * i + 1] for i in range(1, 9)]
+    limits = [rng.randint(1, 9) for _ in prompts]
+
+    def requests() -> list[Request]:
+        return [req(p, max_tokens=m) for p, m in zip(prompts, limits, strict=True)]
+
+    alone = []
+    for p, m in zip(prompts, limits, strict=True):
+        ll = FakeLlamaCpp()
+        alone.append(run(engine(ll, n_seq=n_seq, n_batch=n_batch, deterministic=True), [req(p, max_tokens=m)])[0])
+        assert_invariant_shapes(ll.contexts[0], n_batch, n_seq)
+    assert [o.text for o in run(engine(FakeLlamaCpp(), n_seq=n_seq, n_batch=n_batch), requests())] == [
+        o.text for o in alone
+    ]
+    for trial in range(20):
+        ll = FakeLlamaCpp()
+        e = engine(ll, n_seq=n_seq, n_batch=n_batch, deterministic=True)
+        out = staggered(e, requests(), [rng.randint(1, 12) for _ in prompts])
+        assert out == alone, trial
+        assert_invariant_shapes(ll.contexts[0], n_batch, n_seq)
+        assert ll.contexts[0].kv == {}
+        assert e.max_batch_seqs <= n_seq
+    assert e.fillers > 0
+
+
+def test_deterministic_mode_serves_adapters_and_survives_a_failed_decode() -> None:
+    ll = FakeLlamaCpp()
+    e = engine(ll, n_seq=2, deterministic=True)
+    out = run(e, [req([1], "a"), req([1], "b"), req([1], "a"), req([1], None)])
+    assert [o.text for o in out] == ["<3><5><7><9>", "<4><7>", "<3><5><7><9>", "<2><3><4><5><6><7><8><9>"]
+    assert e.switches == 3
+
+    ll = FakeLlamaCpp()
+    ll.fail_decode_at = 2  # the first decode step after the prompt
+    e = engine(ll, n_seq=1, deterministic=True)
+    first, second = req([1]), req([11])
+    queue = [first, second]
+    e.run(lambda: [queue.pop(0) for _ in range(len(queue))])
+    with pytest.raises(FatalBackendError, match="llama_decode failed"):
+        first.future.result()
+    assert second.future.result().text.startswith("<12>")
+    assert ll.contexts[0].kv == {}  # the failed step's filler was removed too

@@ -5,6 +5,10 @@ the next token is ``t + step``, where ``step`` is 1 on the base and the adapter'
 adapter attached; a next token in another decade (19 -> 20, 9 -> 11) is end-of-generation instead. The context checks
 what a real one would reject (positions that skip or repeat, more tokens than ``n_batch``,
 sequence ids out of range) and logs every decode, so tests can see what was batched together.
+
+With ``kv_unified = False`` (the engine's deterministic mode) every sequence has a KV stream of
+``n_ctx / n_seq_max`` cells, and the context records each decode's rows in ``rows``, so tests can
+check the shapes that make llama.cpp's numerics batch-invariant (``tests/test_llamacpp_batch.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EOG = 0
+LLAMA_FLASH_ATTN_TYPE_AUTO = -1
+LLAMA_FLASH_ATTN_TYPE_ENABLED = 1
 
 
 @dataclass
@@ -22,11 +28,15 @@ class FakeContext:
     n_ctx: int
     n_batch: int
     n_seq: int
+    kv_unified: bool = True
+    flash_attn_type: int = LLAMA_FLASH_ATTN_TYPE_AUTO
     adapter: int | None = None
     kv: dict[int, int] = field(default_factory=dict)  # seq -> tokens stored
     next_token: dict[int, int] = field(default_factory=dict)  # batch row -> predicted token
     #: one entry per decode: (adapter, sequences in the batch, number of tokens)
     log: list[tuple[int | None, tuple[int, ...], int]] = field(default_factory=list)
+    #: one entry per decode: its rows as (sequence, position, token, logits wanted)
+    rows: list[tuple[tuple[int, int, int, bool], ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -44,16 +54,33 @@ class FakeLlamaCpp:
         self.adapters: dict[str, int] = {}
         self.fail_decode_at: int | None = None  # make the n-th decode return an error
         self.llama_adapter_lora_p_ctypes = ctypes.c_void_p
+        self.LLAMA_FLASH_ATTN_TYPE_AUTO = LLAMA_FLASH_ATTN_TYPE_AUTO
+        self.LLAMA_FLASH_ATTN_TYPE_ENABLED = LLAMA_FLASH_ATTN_TYPE_ENABLED
 
     # model, context, memory
     def llama_model_get_vocab(self, model: Any) -> str:
         return "vocab"
 
     def llama_context_default_params(self) -> Any:
-        return types.SimpleNamespace(n_ctx=0, n_batch=0, n_ubatch=0, n_seq_max=1, n_threads=1, n_threads_batch=1)
+        return types.SimpleNamespace(
+            n_ctx=0,
+            n_batch=0,
+            n_ubatch=0,
+            n_seq_max=1,
+            n_threads=1,
+            n_threads_batch=1,
+            kv_unified=False,
+            flash_attn_type=LLAMA_FLASH_ATTN_TYPE_AUTO,
+        )
 
     def llama_init_from_model(self, model: Any, params: Any) -> FakeContext:
-        ctx = FakeContext(n_ctx=params.n_ctx, n_batch=params.n_batch, n_seq=params.n_seq_max)
+        ctx = FakeContext(
+            n_ctx=params.n_ctx,
+            n_batch=params.n_batch,
+            n_seq=params.n_seq_max,
+            kv_unified=params.kv_unified,
+            flash_attn_type=params.flash_attn_type,
+        )
         self.contexts.append(ctx)
         return ctx
 
@@ -64,7 +91,11 @@ class FakeLlamaCpp:
         mem.kv.clear()
 
     def llama_memory_seq_rm(self, mem: FakeContext, seq: int, p0: int, p1: int) -> bool:
-        mem.kv.pop(seq, None)
+        assert p1 == -1, "only tails are removed"
+        if p0 <= 0:
+            mem.kv.pop(seq, None)
+        elif seq in mem.kv:
+            mem.kv[seq] = min(mem.kv[seq], p0)
         return True
 
     def llama_free(self, ctx: FakeContext) -> None:
@@ -113,8 +144,12 @@ class FakeLlamaCpp:
                 ctx.next_token[i] = EOG if nxt // 10 != b.token[i] // 10 else nxt
             if seq not in seqs:
                 seqs.append(seq)
-        assert sum(ctx.kv.values()) <= ctx.n_ctx, "KV pool overflow"
+        if ctx.kv_unified:
+            assert sum(ctx.kv.values()) <= ctx.n_ctx, "KV pool overflow"
+        else:
+            assert max(ctx.kv.values()) <= ctx.n_ctx // ctx.n_seq, "KV stream overflow"
         ctx.log.append((ctx.adapter, tuple(sorted(seqs)), b.n_tokens))
+        ctx.rows.append(tuple((b.seq_id[i][0], b.pos[i], b.token[i], bool(b.logits[i])) for i in range(b.n_tokens)))
         return 0
 
     # sampling
