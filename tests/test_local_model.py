@@ -161,7 +161,7 @@ def test_lora_training_raises_logprob_and_matches_transformers(tmp_path: Path) -
     import torch
     from peft import PeftModel
 
-    from backends.hf import LoraTrainer, TrainerOptions
+    from backends.hf import LoraTrainer, TrainerOptions, tokenizer_functions
 
     # training ran in the backend's subprocess; load the same base here for the comparison
     lora_trainer = LoraTrainer(TrainerOptions(model_path=backend.llama.model_path))
@@ -169,9 +169,10 @@ def test_lora_training_raises_logprob_and_matches_transformers(tmp_path: Path) -
     peft_dir = Path(job.result.split("+adapter:")[1]).parent / "peft"
     merged = PeftModel.from_pretrained(lora_trainer.model, str(peft_dir)).merge_and_unload()
     tok = lora_trainer.tokenizer
+    render, _ = tokenizer_functions(tok)
     for prompt in (QUESTION, "What is the result of 2+9? Make sure to state your answer at the end of the response."):
         msgs = [{"role": "user", "content": prompt}]
-        text = lora_trainer.render(msgs, True)
+        text = render(msgs, True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = merged.generate(ids, max_new_tokens=12, do_sample=False)

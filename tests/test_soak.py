@@ -1,5 +1,7 @@
 """Soak: the shipped mock recipe killed (SIGKILL) at 24 random points, each time resumed, ends with
-the same results as an uninterrupted run, no model call sent twice and no job submitted twice.
+the same results as an uninterrupted run, no answered-and-stored model call sent again (a kill at an
+arbitrary instant may cost the one call whose answer had not been committed yet) and no job
+submitted twice.
 
 The kill points mix three kinds, drawn with a fixed seed: after the N-th model call of a session, at
 the N-th poll of a fine-tuning job (inside the fine-tuning window), and after a wall-clock delay
@@ -58,9 +60,9 @@ def results(run_dir: Path) -> tuple[list[IterationRecord], dict[str, dict[str, s
         store.close()
 
 
-def kill_chain(run_dir: Path, rng: random.Random, kinds: Counter[str]) -> None:
+def kill_chain(run_dir: Path, rng: random.Random, kinds: Counter[str]) -> int:
     """Kill one run again and again at random points until an invocation finishes by itself; the
-    first kill lands right after the run directory is created."""
+    first kill lands right after the run directory is created. Returns how many kills were timed."""
     proc = start(run_dir, {})
     while not (run_dir / "run.sqlite").exists() and proc.poll() is None:
         time.sleep(0.01)
@@ -68,6 +70,7 @@ def kill_chain(run_dir: Path, rng: random.Random, kinds: Counter[str]) -> None:
         proc.send_signal(signal.SIGKILL)
         kinds["created"] += 1
     assert proc.wait(timeout=300) in (0, -signal.SIGKILL)
+    timed = 0
     while True:
         kind = rng.choice(["calls", "polls", "time"])
         env: dict[str, str] = {}
@@ -80,10 +83,11 @@ def kill_chain(run_dir: Path, rng: random.Random, kinds: Counter[str]) -> None:
             time.sleep(rng.uniform(0.2, 2.5))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
+                timed += 1
         code = proc.wait(timeout=300)
         assert code in (0, -signal.SIGKILL), proc.stderr.read() if proc.stderr else ""
         if code == 0:
-            return
+            return timed
         kinds[kind] += 1
 
 
@@ -99,13 +103,17 @@ def test_kills_at_random_points_change_nothing(tmp_path: Path) -> None:
     chains = 0
     while sum(kinds.values()) < KILLS:
         crashed = tmp_path / f"crashed-{chains}"
-        kill_chain(crashed, rng, kinds)
+        timed = kill_chain(crashed, rng, kinds)
         chains += 1
         assert results(crashed) == expected
         server = crashed / "mock-server"
         sent = (server / "calls.log").read_text().split()
-        assert len(sent) == len(set(sent)), "a model call was sent twice"
-        assert len(sent) == len(clean_calls)
+        # A kill before a call is sent or while a job is polled resends nothing. A kill at an
+        # arbitrary instant can land after the server answered a call and before the answer was
+        # committed to the store: that one call is paid again, as it would be on any API without
+        # idempotency keys. Nothing else may be.
+        assert len(sent) - len(set(sent)) <= timed, "a model call whose answer was stored was sent again"
+        assert set(sent) == set(clean_calls)
         submitted = Counter((server / "submissions.log").read_text().split())
         assert len(submitted) == 12 and set(submitted.values()) == {1}, "a job was submitted twice"
     # every kind of point was hit: right after creation, mid-debate, inside the fine-tuning window, any time
