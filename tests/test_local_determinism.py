@@ -27,16 +27,6 @@ ROUND0 = (
 )
 
 
-def _model_path() -> Path:
-    pytest.importorskip("llama_cpp")
-    from backends import bundled
-
-    try:
-        return bundled.resolve_model_path()
-    except FatalBackendError as exc:
-        pytest.skip(str(exc))
-
-
 def tiny_recipe() -> Any:
     from agentsoc.config import recipe_from_dict
 
@@ -69,8 +59,7 @@ async def debate_once(run_dir: Path) -> dict[str, Any]:
 
 
 @pytest.mark.local
-def test_a_fresh_rerun_of_a_debate_gives_identical_transcripts(tmp_path: Path) -> None:
-    _model_path()
+def test_a_fresh_rerun_of_a_debate_gives_identical_transcripts(tmp_path: Path, bundled_model: Path) -> None:
     first = asyncio.run(debate_once(tmp_path / "a"))
     second = asyncio.run(debate_once(tmp_path / "b"))
     assert len(first) == 2 and all(len(t["agents"]) == 3 for t in first.values())
@@ -80,12 +69,12 @@ def test_a_fresh_rerun_of_a_debate_gives_identical_transcripts(tmp_path: Path) -
 
 
 @pytest.mark.local
-def test_a_call_gives_the_same_text_alone_and_in_a_batch() -> None:
+def test_a_call_gives_the_same_text_alone_and_in_a_batch(bundled_model: Path) -> None:
     from backends.llamacpp import LlamaCppBackend
     from backends.options import LlamaCppOptions
 
     backend = LlamaCppBackend(
-        _model_path(), model_name="qwen", options=LlamaCppOptions(n_ctx=1024, parallel=4, deterministic=True)
+        bundled_model, model_name="qwen", options=LlamaCppOptions(n_ctx=1024, parallel=4, deterministic=True)
     )
     rng = random.Random(3)
     calls = [

@@ -23,23 +23,12 @@ ODD_ANSWER = "Seven and eight make fifteen, like two bananas. The answer is 15."
 USER = [Message(role="user", content=QUESTION)]
 
 
-def _model_path() -> Path:
-    pytest.importorskip("llama_cpp")
-    from agentsoc.backend import FatalBackendError
-    from backends import bundled
-
-    try:
-        return bundled.resolve_model_path()
-    except FatalBackendError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="module")
-def llama() -> Iterator[Any]:
+def llama(bundled_model: Path) -> Iterator[Any]:
     from backends.llamacpp import LlamaCppBackend
     from backends.options import LlamaCppOptions
 
-    backend = LlamaCppBackend(_model_path(), model_name="qwen", options=LlamaCppOptions(n_ctx=1024))
+    backend = LlamaCppBackend(bundled_model, model_name="qwen", options=LlamaCppOptions(n_ctx=1024))
     yield backend
     backend.close()
 
@@ -130,11 +119,10 @@ def test_score_matches_greedy_generation(llama: Any) -> None:
 @pytest.mark.local
 @pytest.mark.torch
 @pytest.mark.slow
-def test_lora_training_raises_logprob_and_matches_transformers(tmp_path: Path) -> None:
+def test_lora_training_raises_logprob_and_matches_transformers(tmp_path: Path, bundled_model: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    _model_path()
     from backends.local import create
     from backends.options import LocalOptions
 
