@@ -275,10 +275,13 @@ async def compare(
     out_dir.mkdir(parents=True, exist_ok=True)
     correct: dict[str, dict[str, bool]] = {}
     rows: list[dict[str, Any]] = []
-    for name in names:
+    for i, name in enumerate(names):
         rec = METHODS[name](recipe)
         run_dir = out_dir / name
-        society = Society.from_recipe(rec, run_dir=run_dir, resume=True, progress=progress)
+        # the methods share one base model and one seed: a call another method already paid for
+        # (the base society's debates, above all) is answered from that method's store
+        shared = [out_dir / other for other in names[:i] + names[i + 1 :]]
+        society = Society.from_recipe(rec, run_dir=run_dir, resume=True, progress=progress, shared_calls=shared)
         async with society:
             results = await society.run()
             last = results[-1]

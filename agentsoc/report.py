@@ -239,7 +239,9 @@ def usage_table(run: RunSummary) -> str:
     rows = [[stage, str(c), str(p), str(ct)] for stage, (c, p, ct) in sorted(by.items())]
     total = [sum(v[k] for v in by.values()) for k in range(3)]
     rows.append(["**total**", *(f"**{t}**" for t in total)])
-    return md_table(["stage", "calls", "prompt tokens", "completion tokens"], rows)
+    return md_table(
+        ["stage", "calls sent (cached and shared answers not counted)", "prompt tokens", "completion tokens"], rows
+    )
 
 
 def _deviations(runs: Sequence[RunSummary]) -> list[str]:

@@ -139,6 +139,9 @@ class Society:
         self._lock = RunLock(run_dir)
         self._store: RunStore | None = None
         self._backend: Backend | None = None
+        #: other runs' directories whose call caches answer identical calls (see from_recipe)
+        self.shared_calls: list[Path] = []
+        self._shared_stores: list[RunStore] = []
         base = recipe.society.base_models()
         self.slots: list[AgentSlot] = [AgentSlot(index=n, generator=m, critic=m) for n, m in enumerate(base)]
         #: the finetuning iteration that made the current slots (0: the base models)
@@ -165,8 +168,12 @@ class Society:
         run_dir: Path | str | None = None,
         resume: bool = False,
         progress: bool = True,
+        shared_calls: Sequence[Path] = (),
     ) -> Society:
         """Build a society from a recipe; the backend and task come from their registries.
+
+        ``shared_calls``: run directories whose stored calls answer this run's identical calls
+        (``compare`` passes the methods it already ran); read only.
 
         Everything that can be checked is checked before the run directory is touched: a bad
         recipe, task file or backend name leaves no trace behind.
@@ -205,6 +212,7 @@ class Society:
             eval_split=eval_split,
         )
         society._lock = lock
+        society.shared_calls = [Path(p) for p in shared_calls]
         return society
 
     async def __aenter__(self) -> Society:
@@ -216,10 +224,11 @@ class Society:
         try:
             self._store = RunStore.open(self.run_dir)
             self._check_recipe(self._store)
+            self._shared_stores = [
+                RunStore.open(d, readonly=True) for d in self.shared_calls if (d / "run.sqlite").exists()
+            ]
         except BaseException:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
+            self._close_stores()
             await self._raw_backend.aclose()
             self._lock.release()
             raise
@@ -230,8 +239,15 @@ class Society:
             concurrency=b.concurrency,
             max_attempts=b.max_attempts,
             max_backoff_s=b.max_backoff_s,
+            shared=self._shared_stores,
         )
         return self
+
+    def _close_stores(self) -> None:
+        for s in [self._store, *self._shared_stores]:
+            if s is not None:
+                s.close()
+        self._store, self._shared_stores = None, []
 
     def _check_recipe(self, store: RunStore) -> None:
         """A resumed run must be the same experiment; the error names the fields that differ."""
@@ -256,8 +272,7 @@ class Society:
             if self._backend is not None:
                 await self._backend.aclose()
         finally:
-            if self._store is not None:
-                self._store.close()
+            self._close_stores()
             self._lock.release()
 
     @property

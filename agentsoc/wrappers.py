@@ -82,19 +82,29 @@ class Cached(_Wrapper):
     """Answers repeated calls from the run store; a cached call costs nothing and is not resent.
 
     A call without a seed is still cached: within a run every call the core makes is seeded.
+    ``shared`` are other runs' stores (read-only) that answer the identical calls they already
+    paid for: ``compare`` runs its methods on one base model with the same seeds, so every
+    method's base-model debates would otherwise be paid again. A shared answer is copied into
+    this run's store, so the run directory stays complete on its own.
     """
 
-    def __init__(self, inner: Backend, store: RunStore) -> None:
+    def __init__(self, inner: Backend, store: RunStore, shared: Sequence[RunStore] = ()) -> None:
         super().__init__(inner)
         self.store = store
+        self.shared = list(shared)
 
     async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
         key = call_key(self.name, model, messages, sampling)
         hit = self.store.get_call(key)
         if hit is not None:
             return hit.model_copy(update={"cached": True})
-        out = await self.inner.complete(model, messages, sampling)
         request = json.dumps({"model": model, "n_messages": len(messages), "sampling": sampling.model_dump()})
+        for other in self.shared:
+            hit = other.get_call(key)
+            if hit is not None:
+                self.store.put_call(key, self.name, model, request, hit)
+                return hit.model_copy(update={"cached": True})
+        out = await self.inner.complete(model, messages, sampling)
         self.store.put_call(key, self.name, model, request, out)
         return out
 
@@ -225,9 +235,10 @@ def compose(
     concurrency: int = 8,
     max_attempts: int = 6,
     max_backoff_s: float = 30.0,
+    shared: Sequence[RunStore] = (),
 ) -> Backend:
     """The run's backend stack (see the module docstring for the order and why)."""
     stacked: Backend = Retrying(Limited(backend, concurrency), max_attempts=max_attempts, max_backoff_s=max_backoff_s)
     if store is not None:
-        stacked = Cached(Metered(stacked, store), store)
+        stacked = Cached(Metered(stacked, store), store, shared)
     return stacked

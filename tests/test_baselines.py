@@ -207,6 +207,12 @@ async def test_unique_id_feeds_the_agent_id_in_debate_and_training_data(
         store.close()
 
 
+def sent(run_dir: Path) -> int:
+    """Calls the mock server of ``run_dir`` answered."""
+    log = run_dir / "server" / "calls.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
 async def test_compare_runs_methods_on_the_same_problems_and_resumes(tmp_path: Path) -> None:
     rec = recipe()
     out = tmp_path / "cmp"
@@ -230,12 +236,33 @@ async def test_compare_runs_methods_on_the_same_problems_and_resumes(tmp_path: P
             s.close()
     assert by["ours"].vs_reference is None and by["base"].vs_reference is not None
     assert by["base"].vs_reference.n == 20
-    calls = sum(len((out / n / "server/calls.log").read_text().splitlines()) for n in by)
+    calls = sum(sent(out / n) for n in by)
     again = await compare(rec, ["ours", "debate", "majority", "base"], out)
     assert [r.score for r in again] == [r.score for r in results]
-    assert sum(len((out / n / "server/calls.log").read_text().splitlines()) for n in by) == calls
+    assert sum(sent(out / n) for n in by) == calls
 
 
 def test_with_changes_revalidates() -> None:
     with pytest.raises(ValueError, match="models"):
         with_changes(recipe(), None, **{"society.agents": 2})
+
+
+async def test_compare_answers_a_call_another_method_paid_for_from_its_store(tmp_path: Path) -> None:
+    rec = recipe()
+    out = tmp_path / "cmp"
+    await compare(rec, ["ours", "debate", "majority", "base"], out)
+    # the base society's debate of the held-out problems is ours' iteration 0: nothing is sent again
+    assert sent(out / "ours") > 0
+    assert sent(out / "debate") == sent(out / "majority") == sent(out / "base") == 0
+    # ... and each run directory is complete on its own, with the results of the method run alone
+    await run(METHODS["debate"](rec), tmp_path / "debate-alone")
+    assert sent(tmp_path / "debate-alone") > 0
+    from agentsoc.store import RunStore
+
+    a, b = RunStore.open(out / "debate", readonly=True), RunStore.open(tmp_path / "debate-alone", readonly=True)
+    try:
+        assert a.transcripts("iter-0/eval") == b.transcripts("iter-0/eval")
+        assert a.count_calls() == b.count_calls()
+    finally:
+        a.close()
+        b.close()
