@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import get_args
+from typing import TypeVar, get_args
 
 import tomli_w
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
 from agentsoc.atomic import write_atomic, write_lines_atomic
@@ -44,6 +46,8 @@ from agentsoc.transcript import AgentSlot, Transcript
 from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef
 from agentsoc.vote import Vote
 from agentsoc.wrappers import compose, current_stage
+
+T = TypeVar("T")
 
 ROLES: tuple[Role, ...] = get_args(Role)
 
@@ -567,37 +571,30 @@ class Society:
         )
 
     async def _await_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec) -> Job:
-        """Submit (or find) the job ``key`` and poll it until it ends. A submission or a poll that used
-        up its retries is tried again after a pause (up to 5 times): the job runs on without us, and
-        a submission adopts the job its lost predecessor may have created (by key), so nothing is
-        lost or paid twice by waiting."""
+        """Submit (or find) the job ``key`` and poll it until it ends."""
         job = self.store.get_job(key)
-        failures = 0
-        while job is None:
-            try:
-                job = await self.backend.submit_finetune(base, examples, spec, key=key)
-            except TransientBackendError:
-                failures += 1
-                if failures > 5:
-                    raise
-                await asyncio.sleep(self.recipe.backend.poll_interval_s * 2**failures)
-                continue
+        if job is None:
+            job = await self._patiently(functools.partial(self.backend.submit_finetune, base, examples, spec, key=key))
             self.store.put_job(job)  # recorded before it is awaited: a crash from here on resumes it
-        failures = 0
         while not job.state.terminal:
-            await asyncio.sleep(self.recipe.backend.poll_interval_s * 2**failures)
-            try:
-                polled = await self.backend.poll_finetune(job)
-            except TransientBackendError:
-                failures += 1
-                if failures > 5:
-                    raise
-                continue
-            failures = 0
+            await asyncio.sleep(self.recipe.backend.poll_interval_s)
+            polled = await self._patiently(functools.partial(self.backend.poll_finetune, job))
             if polled != job:
                 self.store.put_job(polled)
             job = polled
         return job
+
+    async def _patiently(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call``, tried again after a growing pause (up to 5 times) when it used up the backend's
+        retries. For jobs only: the job runs on without us, and a submission adopts the job its lost
+        predecessor may have created (by key), so nothing is lost or paid twice by waiting."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(6),
+            wait=wait_exponential(multiplier=2 * self.recipe.backend.poll_interval_s),
+            retry=retry_if_exception_type(TransientBackendError),
+            reraise=True,
+        )
+        return await retrying(call)
 
     async def evaluate(self, iteration: int) -> EvalScores | None:
         """Debate the held-out problems with the current slots, score the votes, measure diversity.
