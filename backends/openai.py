@@ -457,7 +457,7 @@ class OpenAIBackend:
         retryable = True
         if state in (JobState.FAILED, JobState.CANCELLED):
             message = remote.error.message if remote.error is not None and remote.error.message else None
-            code = str(getattr(remote.error, "code", None) or "") if remote.error is not None else ""
+            code = remote.error.code if remote.error is not None and remote.error.code else ""
             error = self.scrub(f'OpenAI says: "{message}"') if message else f"OpenAI reports the job {remote.status}"
             if code:
                 error += f" [{code}]"

@@ -23,12 +23,11 @@ file for another doomed batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 from openai import AsyncOpenAI
 from openai.types import Batch, FileObject
@@ -49,6 +48,7 @@ _TRANSIENT_CODES = {"token_limit_exceeded", "rate_limit_exceeded", "server_error
 _CLOCK_SLACK_S = 3600
 #: metadata key carrying a request set's tag
 TAG_KEY = "agentsoc_batch"
+T = TypeVar("T")
 
 
 def request_id(body: dict[str, Any]) -> str:
@@ -211,17 +211,11 @@ class Batcher:
             raise FatalBackendError(rec["error"])
         batch_id = rec.get("batch_id")
         if batch_id is None:
-            task = self._resolving.get(tag)
-            if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-                # no creation running here, or it failed (perhaps only its answer was lost): look
-                task = self._resolving[tag] = asyncio.create_task(self._find(tag))
-            batch_id = await asyncio.shield(task)  # a cancelled caller must not cancel the others' task
+            # no creation running here, or it failed (perhaps only its answer was lost): look
+            batch_id = await _shared(self._resolving, tag, lambda: self._find(tag))
             if batch_id is None:
                 return None
-        watcher = self._watchers.get(tag)
-        if watcher is None or (watcher.done() and (watcher.cancelled() or watcher.exception() is not None)):
-            watcher = self._watchers[tag] = asyncio.create_task(self._poll(tag, batch_id))
-        return await asyncio.shield(watcher)
+        return await _shared(self._watchers, tag, lambda: self._poll(tag, batch_id))
 
     async def _create(self, tag: str, bodies: list[dict[str, Any]]) -> str | None:
         """Upload the set's input file and create its batch, recording each step as it is done."""
@@ -326,5 +320,13 @@ class Batcher:
         ]
         for t in tasks:
             t.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _shared(tasks: dict[str, asyncio.Task[T]], tag: str, start: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """The result of ``tasks[tag]``, one task shared by every caller; started (again) if there is none
+    or the last one failed. Shielded: a cancelled caller must not cancel the others' task."""
+    task = tasks.get(tag)
+    if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+        task = tasks[tag] = asyncio.create_task(start())
+    return await asyncio.shield(task)

@@ -54,18 +54,22 @@ def base_name(model: ModelRef) -> str:
     return model.split(":")[1] if model.startswith("ft:") else model
 
 
-def token_limit(model: ModelRef) -> int:
-    """The per-example limit of ``model``'s family (longest matching prefix wins)."""
+def _family(model: ModelRef, table: Mapping[str, T]) -> T | None:
+    """``table``'s entry for ``model``'s family: the longest key its base name starts with."""
     name = base_name(model)
-    best = max((p for p in _TOKEN_LIMITS if name.startswith(p)), key=len, default=None)
-    return _TOKEN_LIMITS[best] if best else _DEFAULT_TOKEN_LIMIT
+    best = max((p for p in table if name.startswith(p)), key=len, default=None)
+    return table[best] if best else None
+
+
+def token_limit(model: ModelRef) -> int:
+    """The per-example limit of ``model``'s family."""
+    limit = _family(model, _TOKEN_LIMITS)
+    return _DEFAULT_TOKEN_LIMIT if limit is None else limit
 
 
 def shutdown_date(model: ModelRef) -> dt.date | None:
     """The day OpenAI shut (or shuts) down ``model``'s family, if it is in :data:`SHUTDOWN_DATES`."""
-    name = base_name(model)
-    best = max((p for p in SHUTDOWN_DATES if name.startswith(p)), key=len, default=None)
-    return SHUTDOWN_DATES[best] if best else None
+    return _family(model, SHUTDOWN_DATES)
 
 
 def estimate_tokens(text: str) -> int:
@@ -138,8 +142,7 @@ class RecordDir:
         self.path = path
 
     def _file(self, key: str) -> Path:
-        # the hash keeps two keys that sanitise (or truncate) to the same name apart
-        return self.path / f"{safe_name(key)[:80]}-{content_hash(key.encode())[:12]}.json"
+        return self.path / f"{key_stem(key)}.json"
 
     def get(self, key: str) -> dict[str, Any] | None:
         file = self._file(key)
@@ -178,7 +181,13 @@ def content_hash(data: bytes) -> str:
 def upload_name(key: str, digest: str) -> str:
     """The file name a training file is uploaded under: it names the job key and the content, so a
     file uploaded by a process killed before it recorded the upload is recognised in ``files.list``."""
-    return f"agentsoc-{safe_name(key)[:80]}-{content_hash(key.encode())[:12]}-{digest[:16]}.jsonl"
+    return f"agentsoc-{key_stem(key)}-{digest[:16]}.jsonl"
+
+
+def key_stem(key: str) -> str:
+    """A file-name stem for ``key``: readable, and with a hash that keeps two keys that sanitise (or
+    truncate) to the same name apart."""
+    return f"{safe_name(key)[:80]}-{content_hash(key.encode())[:12]}"
 
 
 def safe_name(key: str) -> str:
