@@ -24,12 +24,11 @@ import hashlib
 import random
 import statistics
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from local_throughput import prompts, through_backend  # the sibling bench: same prompts, same calls
 
-from agentsoc.tasks import arithmetic
 from agentsoc.types import Message, Sampling
 from backends import bundled
 from backends.llamacpp import LlamaCppBackend
@@ -37,14 +36,6 @@ from backends.llamacpp_batch import BatchEngine
 from backends.options import LlamaCppOptions
 
 Call = tuple[list[Message], Sampling]
-
-
-def throughput_prompts(n: int) -> list[str]:
-    task = arithmetic.create({"pattern": "a+b*c+d-e*f", "low": 0, "high": 30})
-    return [
-        task.prompts.round0.replace("{question}", p.question) + " Explain your steps."
-        for p in task.load(0, n, seed=1).test
-    ]
 
 
 def random_calls(n: int, max_tokens: int, rng: random.Random) -> list[Call]:
@@ -65,21 +56,6 @@ def random_calls(n: int, max_tokens: int, rng: random.Random) -> list[Call]:
             text = f"These are the solutions to the problem from other agents:\n{answers}\n\n{question}"
         calls.append(([Message(role="user", content=text)], Sampling(temperature=1.0, max_tokens=max_tokens, seed=i)))
     return calls
-
-
-async def at_once(backend: LlamaCppBackend, texts: Sequence[str], max_tokens: int) -> tuple[float, int]:
-    start = time.perf_counter()
-    outs = await asyncio.gather(
-        *(
-            backend.complete(
-                "qwen",
-                [Message(role="user", content=t)],
-                Sampling(temperature=1.0, top_p=0.9, max_tokens=max_tokens, seed=i),
-            )
-            for i, t in enumerate(texts)
-        )
-    )
-    return time.perf_counter() - start, sum(c.usage.completion_tokens for c in outs)
 
 
 def record_logits(engine: BatchEngine) -> dict[int, list[bytes]]:
@@ -159,7 +135,7 @@ def worker_init(deterministic: bool, threads: int, parallel: int) -> float:
 
 def worker_throughput(n: int, max_tokens: int) -> tuple[float, int]:
     assert _backend is not None
-    return asyncio.run(at_once(_backend, throughput_prompts(n), max_tokens))
+    return asyncio.run(through_backend(_backend, prompts(n), max_tokens, ["qwen"], concurrent=True))
 
 
 def worker_invariance(n_calls: int, max_tokens: int, trials: int, seed: int) -> tuple[int, int, int, int, list[str]]:
