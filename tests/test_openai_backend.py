@@ -272,16 +272,10 @@ async def test_restarted_process_adopts_its_pending_batch(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", fake_openai.state.api_key)
     options = OpenAIOptions(base_url=fake_openai.base_url, batch=True, batch_window_s=0.02, batch_poll_s=0.01)
-    fake_openai.configure(batch_polls=10**9)  # the batch never finishes while the first process lives
     first = create(options, tmp_path)
-    calls = [asyncio.create_task(first.complete(MODEL, ask(), Sampling(seed=s))) for s in range(4)]
-    while not fake_openai.state.batches:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
-    for c in calls:
-        c.cancel()
-    await first.aclose()  # "killed" with the batch pending
-    fake_openai.configure(batch_polls=1)
+    await fake_openai.kill_with_batches_pending(
+        first, (first.complete(MODEL, ask(), Sampling(seed=s)) for s in range(4)), 1
+    )
     second = create(options, tmp_path)
     outs = await asyncio.gather(*(second.complete(MODEL, ask(), Sampling(seed=s)) for s in range(4)))
     assert len(fake_openai.state.batches) == 1 and fake_openai.state.batch_uploads == 1

@@ -157,17 +157,8 @@ async def test_lost_create_response_is_adopted_for_any_part_of_its_requests(
 
 async def test_pending_batches_of_several_models_are_each_recorded(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
     """Two batches created at once (one per model) are both found by a restarted process."""
-    fake_openai.configure(batch_polls=10**9)  # nothing finishes while the first process lives
     first = create(options(fake_openai), tmp_path)
-    tasks = [asyncio.create_task(first.complete(m, msgs, s)) for m, msgs, s in calls()]
-    async with asyncio.timeout(10):
-        while len(fake_openai.state.batches) < 2:
-            await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
-    for t in tasks:
-        t.cancel()
-    await first.aclose()  # "killed" with both batches pending
-    fake_openai.configure(batch_polls=1)
+    await fake_openai.kill_with_batches_pending(first, (first.complete(m, msgs, s) for m, msgs, s in calls()), 2)
     second = create(options(fake_openai), tmp_path)
     outs = await asyncio.gather(*(second.complete(m, msgs, s) for m, msgs, s in calls()))
     await second.aclose()

@@ -21,6 +21,7 @@ the server holds a file (or batch) the client has not heard of.
 
 from __future__ import annotations
 
+import asyncio
 import email.message
 import hashlib
 import json
@@ -29,7 +30,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from typing import Any
@@ -519,6 +520,20 @@ class FakeOpenAI(FakeServer[FakeState]):
 
     def __init__(self, api_key: str = "sk-fake-test-key-0123456789", **state: Any) -> None:
         super().__init__(FakeState(api_key=api_key, **state))
+
+    async def kill_with_batches_pending(self, backend: Any, calls: Iterable[Awaitable[Any]], batches: int) -> None:
+        """Start ``calls`` on ``backend`` and "kill" it (cancel them, close it) once ``batches``
+        batches exist on this server and none of them can finish."""
+        self.configure(batch_polls=10**9)
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        async with asyncio.timeout(10):
+            while len(self.state.batches) < batches:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()
+        await backend.aclose()
+        self.configure(batch_polls=1)
 
 
 def serve(**state: Any) -> Iterator[FakeOpenAI]:
