@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from agentsoc.atomic import write_atomic
-from agentsoc.config import Recipe, RecipeError
+from agentsoc.config import Recipe, RecipeError, set_dotted
 from agentsoc.evaluate import PairedScore, correctness, paired
 from agentsoc.records import Score
 
@@ -42,13 +42,7 @@ def _method(name: str, label: str) -> Callable[[Transform], Transform]:
 
 def with_changes(recipe: Recipe, name: str | None = None, **dotted: Any) -> Recipe:
     """``recipe`` with dotted fields replaced (``society.rounds=1``), validated again as a whole."""
-    data = recipe.model_dump(mode="python")
-    for key, value in dotted.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    data = set_dotted(recipe.model_dump(mode="python"), dotted)
     if name is not None:
         data["name"] = name
     return Recipe.model_validate(data)

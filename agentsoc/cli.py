@@ -19,13 +19,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from agentsoc import console
 from agentsoc.backend import BackendError
-from agentsoc.config import Recipe, RecipeError, recipe_from_dict
+from agentsoc.config import Recipe, RecipeError, recipe_from_dict, set_dotted
 from agentsoc.options import OptionsError
 from agentsoc.records import IterationRecord
 from agentsoc.report import ReportError
-from agentsoc.society import RunDirError, Society
+from agentsoc.rundir import RunDirError
+from agentsoc.society import Society
 from agentsoc.store import RunStore, StoreError
+from agentsoc.tables import text_table
 from agentsoc.tasks.base import DataError
 
 #: errors a user can fix; anything else (a ValueError deep in the code) is a bug and keeps its traceback
@@ -39,13 +42,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: the operating system refusing a write: disk full, read-only file system, no permission
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def lost_cell(record: IterationRecord) -> str:
@@ -66,7 +62,7 @@ def summary_table(results: Sequence[IterationRecord]) -> str:
         "cut / left out by max_seq_len",
         "wall time (min)",
     ]
-    rows = [header]
+    rows = []
     for r in results:
         sizes = (
             "  ".join(
@@ -89,7 +85,7 @@ def summary_table(results: Sequence[IterationRecord]) -> str:
                 "  ".join(f"{k} {v / 60:.1f}" for k, v in r.wall_s.items()) or "-",
             ]
         )
-    return _table(rows)
+    return text_table(header, rows)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -106,7 +102,13 @@ async def _execute(recipe: Recipe | str, args: argparse.Namespace) -> int:
     society = Society.from_recipe(recipe, run_dir=args.run_dir, resume=args.resume, progress=not args.quiet)
     async with society:
         print(f"run directory: {society.run_dir}", file=sys.stderr)
-        results = await society.run()
+
+        def show(so_far: Sequence[IterationRecord]) -> None:
+            # each iteration's table as soon as it is known, on stderr: stdout keeps the final result only
+            if len(so_far) < society.recipe.finetune.iterations + 1:
+                print(f"\n{summary_table(so_far)}\n", file=sys.stderr)
+
+        results = await society.run(on_iteration=show)
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
     else:
@@ -131,12 +133,7 @@ def demo_recipe(quick: bool) -> Recipe:
     data: dict[str, Any] = tomllib.loads(text)
     if quick:
         data["name"] = data["name"] + "-quick"
-        for dotted, value in QUICK.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+        set_dotted(data, QUICK)
     return recipe_from_dict(data, source="agentsoc/recipes/arithmetic-local.toml")
 
 
@@ -162,9 +159,8 @@ def _jobs(args: argparse.Namespace) -> int:
     if not jobs:
         print("no fine-tuning jobs yet")
         return 0
-    rows = [["key", "backend", "id", "state", "result"]]
-    rows += [[j.key, j.backend, j.id, j.state.value, j.result or (j.error or "")] for j in jobs]
-    print(_table(rows))
+    rows = [[j.key, j.backend, j.id, j.state.value, j.result or (j.error or "")] for j in jobs]
+    print(text_table(["key", "backend", "id", "state", "result"], rows))
     return 0
 
 
@@ -194,9 +190,8 @@ async def _compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
     else:
-        rows = [["method", "task", "accuracy ± SE", f"paired Δ vs {args.reference}"]]
-        rows += [[r.label, r.task, str(r.score), str(r.vs_reference or "-")] for r in results]
-        print(_table(rows))
+        rows = [[r.label, r.task, str(r.score), str(r.vs_reference or "-")] for r in results]
+        print(text_table(["method", "task", "accuracy ± SE", f"paired Δ vs {args.reference}"], rows))
     print(f"report: {render(out, plots=not args.no_plots)}", file=sys.stderr)
     return 0
 
@@ -256,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure()
     handler: Callable[[argparse.Namespace], Any] = args.handler
     try:
         out = handler(args)

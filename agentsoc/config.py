@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -262,6 +263,18 @@ def _format_errors(source: str, err: ValidationError) -> str:
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
+
+
+def set_dotted(data: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a recipe as a dict) with dotted fields set in place (``society.rounds``), sections
+    made where missing: the one way recipes are shrunk and varied (``--quick``, methods, tests)."""
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
 
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:

@@ -70,6 +70,12 @@ def agent_id_message(agent: int, role: str) -> Message:
     return Message(role="system", content=f"You are agent {agent + 1} ({role}).")
 
 
+def calls_per_problem(n_agents: int, settings: DebateSettings) -> int:
+    """Model calls one debate makes: every agent every round, plus a summary per agent per later round."""
+    summaries = n_agents * (settings.rounds - 1) if settings.summarize and n_agents > 1 else 0
+    return n_agents * settings.rounds + summaries
+
+
 def debate_message(prompts: PromptSet, problem: Problem, others: Sequence[str], summary: str | None) -> str:
     """The user message an agent receives in round m ≥ 1."""
     fields = problem.template_fields()
@@ -94,8 +100,12 @@ async def debate_one(
     slots: Sequence[AgentSlot],
     problem: Problem,
     settings: DebateSettings,
+    on_call: Callable[[Completion], None] | None = None,
 ) -> Transcript:
-    """Run one debate: round 0 alone, then M−1 rounds of revision against the others."""
+    """Run one debate: round 0 alone, then M−1 rounds of revision against the others.
+
+    ``on_call`` sees every completion as it arrives: progress is counted per model call, since one
+    problem of a slow model can take minutes."""
     n_agents = len(slots)
     usage = Usage()
 
@@ -118,6 +128,8 @@ async def debate_one(
         if settings.unique_id:
             request = [agent_id_message(agent, "generator" if use_generator else "critic"), *request]
         out = await backend.complete(model, request, sampling_for(agent, round_, "answer"))
+        if on_call is not None:
+            on_call(out)
         usage = usage + out.usage
         histories[agent].append(Message(role="assistant", content=out.text))
         answers[agent].append(stated_answer(task, out, abstain_truncated=settings.abstain_truncated))
@@ -127,6 +139,8 @@ async def debate_one(
         nonlocal usage
         request = [Message(role="user", content=summarizer_request(prompts, problem, others))]
         out = await backend.complete(settings.summarizer, request, sampling_for(agent, round_, "summary"))
+        if on_call is not None:
+            on_call(out)
         usage = usage + out.usage
         return out.text
 
@@ -178,6 +192,7 @@ async def debate(
     *,
     on_done: Callable[[Transcript], None] | None = None,
     on_failure: Callable[[Problem, TransientBackendError], None] | None = None,
+    on_call: Callable[[Completion], None] | None = None,
 ) -> list[Transcript]:
     """Debate every problem, all in flight at once; the backend's limiter bounds real concurrency.
 
@@ -190,7 +205,7 @@ async def debate(
 
     async def run(problem: Problem) -> Transcript | None:
         try:
-            transcript = await debate_one(backend, task, prompts, slots, problem, settings)
+            transcript = await debate_one(backend, task, prompts, slots, problem, settings, on_call)
         except TransientBackendError as e:
             if on_failure is None:
                 raise

@@ -21,6 +21,7 @@ from agentsoc.config import Recipe, backend_options
 from agentsoc.debate import debate_message, summarizer_request
 from agentsoc.pricing import PRICES_NOTE, format_usd, training_cost, usage_cost
 from agentsoc.prompts import PromptSet, fill
+from agentsoc.tables import text_table
 from agentsoc.tasks.base import Problem
 from agentsoc.types import ModelRef, Usage
 
@@ -227,7 +228,7 @@ def dry_run(recipe: Recipe) -> str:
         total.trained_tokens += st.trained_tokens
         total.add_cost(st.dollars)
     header = ["stage", "chat calls", "prompt tok", "completion tok", "ft jobs", "trained tok", "cost"]
-    rows = [header] + [
+    rows = [
         [
             st.name,
             _fmt(st.calls),
@@ -239,12 +240,7 @@ def dry_run(recipe: Recipe) -> str:
         ]
         for st in [*stages, total]
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(-1, lines[1])
+    table = text_table(header, rows, numeric=True, total=True)
     s = recipe.society
     b = recipe.backend
     batch = _batch(recipe)
@@ -268,4 +264,4 @@ def dry_run(recipe: Recipe) -> str:
             f"inference ~{hours[0]:.1f} h, training ~{hours[1]:.1f} h"
             + (" (full finetuning)" if recipe.finetune.spec.method == "full" else " (LoRA)")
         )
-    return "\n".join(["\n".join(lines), "", *notes])
+    return "\n".join([table, "", *notes])

@@ -19,6 +19,7 @@ from typing import Any
 from agentsoc.config import Recipe, load_recipe, paper_deviations
 from agentsoc.records import DatasetRecord, IterationRecord, Score
 from agentsoc.store import RunStore
+from agentsoc.tables import markdown_table
 
 MOCK_BANNER = "> **MOCK BACKEND — simulated agents; numbers say nothing about language models.**"
 
@@ -124,12 +125,6 @@ def _num(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _shape_of(r: RunSummary) -> str:
     soc, ev = r.recipe.society, r.recipe.evaluation
     return f"{ev.agents or soc.agents} × {ev.rounds or soc.rounds}"
@@ -175,7 +170,7 @@ def table1(runs: Sequence[RunSummary], reference: str | None = None) -> str:
                     else f"{100 * vs['diff']:+.2f} ± {100 * vs['se']:.2f} (+{vs['a_only']}/−{vs['b_only']})"
                 )
         rows.append(row)
-    return md_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def iteration_table(run: RunSummary) -> str:
@@ -197,7 +192,7 @@ def iteration_table(run: RunSummary) -> str:
         row += [_num(run.diversity(r.iteration, key)) for key, _ in DIVERSITY]
         row.append(", ".join(f"{k} {v / 60:.1f}" for k, v in r.wall_s.items()) or "–")
         rows.append(row)
-    return md_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def dataset_table(run: RunSummary) -> str:
@@ -224,7 +219,7 @@ def dataset_table(run: RunSummary) -> str:
         )
     header = ["iter", "generator examples per agent", "critic examples per agent", "vote = truth on train"]
     header += ["STaR rationalized", f"cut / left out by max_seq_len ({run.recipe.finetune.spec.max_seq_len})"]
-    return md_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def usage_table(run: RunSummary) -> str:
@@ -239,7 +234,7 @@ def usage_table(run: RunSummary) -> str:
     rows = [[stage, str(c), str(p), str(ct)] for stage, (c, p, ct) in sorted(by.items())]
     total = [sum(v[k] for v in by.values()) for k in range(3)]
     rows.append(["**total**", *(f"**{t}**" for t in total)])
-    return md_table(
+    return markdown_table(
         ["stage", "calls sent (cached and shared answers not counted)", "prompt tokens", "completion tokens"], rows
     )
 

@@ -13,47 +13,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import os
+import logging
 import re
 import shutil
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar, get_args
+from typing import get_args
 
-import tomli_w
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
-from agentsoc.atomic import write_atomic, write_lines_atomic
-from agentsoc.backend import Backend, JobFailedError, RetriesExhaustedError, TransientBackendError
-from agentsoc.config import Recipe, RecipeError, check_backend, create_backend, differing_fields, load_recipe
-from agentsoc.debate import DebateSettings, agent_id_message, debate
+from agentsoc.atomic import write_lines_atomic
+from agentsoc.backend import Backend, RetriesExhaustedError, TransientBackendError, probe
+from agentsoc.config import Recipe, RecipeError, check_backend, create_backend, load_recipe
+from agentsoc.debate import DebateSettings, agent_id_message, calls_per_problem, debate
 from agentsoc.diversity import measure
 from agentsoc.evaluate import evaluate
-from agentsoc.lock import LOCK_FILE, RunDirBusyError, RunLock
+from agentsoc.jobs import JobRunner
+from agentsoc.lock import RunLock
 from agentsoc.prompts import PromptSet
 from agentsoc.records import DatasetRecord, EvalScores, IterationRecord, Role, Stage
+from agentsoc.rundir import acquire, check_recipe, key_prefix, prepare_run_dir
 from agentsoc.selection import AgentData, select
 from agentsoc.star import rationalize
 from agentsoc.store import RunStore
 from agentsoc.tasks.base import Problem, Split, Task
 from agentsoc.transcript import AgentSlot, Transcript
-from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef
+from agentsoc.types import ChatExample, Completion, Message, ModelRef
 from agentsoc.vote import Vote
 from agentsoc.wrappers import compose, current_stage
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
+
 
 ROLES: tuple[Role, ...] = get_args(Role)
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked (not empty without --resume, another recipe)."""
 
 
 def resolve_prompts(task: Task, overrides: dict[str, str], source: str = "recipe") -> PromptSet:
@@ -61,56 +56,6 @@ def resolve_prompts(task: Task, overrides: dict[str, str], source: str = "recipe
     if unknown:
         raise RecipeError(f"{source}: prompts.{unknown[0]}: unknown field (known: {', '.join(PromptSet.model_fields)})")
     return task.prompts.model_copy(update=overrides)
-
-
-def prepare_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool) -> RunLock:
-    """Lock the run directory for this process, creating it if needed; refuse to mix experiments.
-
-    A new run directory is built under a temporary name (resolved recipe, database, fingerprint)
-    and renamed into place, so a kill at any moment leaves either no run or a complete empty one —
-    never a directory that can be neither resumed nor started again.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run directory {run_dir} is a file; choose another --run-dir")
-    if not (run_dir / "run.sqlite").exists():
-        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-            raise RunDirError(
-                f"run directory {run_dir} is not empty and holds no agentsoc run (no run.sqlite); "
-                "choose another --run-dir"
-            )
-        _create_run_dir(run_dir, recipe)
-    elif not resume:
-        raise RunDirError(
-            f"run directory {run_dir} is not empty; pass --resume to continue that run, or choose another --run-dir"
-        )
-    lock = RunLock(run_dir)
-    try:
-        lock.acquire()
-    except RunDirBusyError as e:
-        raise RunDirError(str(e)) from None
-    return lock
-
-
-def _create_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.parent.glob(f".{run_dir.name}.*.creating"):  # left by a process killed mid-creation
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = run_dir.parent / f".{run_dir.name}.{os.getpid()}.creating"
-    tmp.mkdir()
-    try:
-        write_atomic(tmp / "recipe.toml", tomli_w.dumps(recipe.to_toml_dict()))
-        store = RunStore.open(tmp)
-        try:
-            store.set_meta("recipe_view", json.dumps(recipe.results_view(), sort_keys=True))
-            store.set_meta("fingerprint", recipe.fingerprint())
-        finally:
-            store.close()
-        if run_dir.exists():
-            run_dir.rmdir()  # an empty directory (or one holding only a lock file) is not a run yet
-        tmp.rename(run_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunDirError(f"could not create run directory {run_dir}: {e}") from None
 
 
 class Society:
@@ -221,16 +166,15 @@ class Society:
 
     async def __aenter__(self) -> Society:
         if not self._lock.held:
-            try:
-                self._lock.acquire()
-            except RunDirBusyError as e:
-                raise RunDirError(str(e)) from None
+            self._lock = acquire(self.run_dir)
         try:
             self._store = RunStore.open(self.run_dir)
-            self._check_recipe(self._store)
+            check_recipe(self._store, self.recipe, self.run_dir)
             self._shared_stores = [
                 RunStore.open(d, readonly=True) for d in self.shared_calls if (d / "run.sqlite").exists()
             ]
+            # a dead endpoint or a refused key: one line now, not minutes of silent retries later
+            await probe(self._raw_backend, [*self.recipe.society.base_models(), self.summarizer])
         except BaseException:
             self._close_stores()
             await self._raw_backend.aclose()
@@ -252,22 +196,6 @@ class Society:
             if s is not None:
                 s.close()
         self._store, self._shared_stores = None, []
-
-    def _check_recipe(self, store: RunStore) -> None:
-        """A resumed run must be the same experiment; the error names the fields that differ."""
-        stored = store.get_meta("fingerprint")
-        if stored is None:
-            store.set_meta("recipe_view", json.dumps(self.recipe.results_view(), sort_keys=True))
-            store.set_meta("fingerprint", self.recipe.fingerprint())
-        elif stored != self.recipe.fingerprint():
-            view = store.get_meta("recipe_view")
-            fields = differing_fields(json.loads(view), self.recipe.results_view()) if view else []
-            raise RunDirError(
-                f"run directory {self.run_dir} holds a run of a different recipe"
-                + (f" (these fields differ: {', '.join(fields)})" if fields else f" (fingerprint {stored})")
-                + "; resume it with the recipe it was started with (concurrency, retries, polling and timeouts "
-                "may change)"
-            )
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -293,7 +221,7 @@ class Society:
 
     @property
     def key_prefix(self) -> str:
-        return f"{self.recipe.name}/{self.recipe.fingerprint()[:8]}"
+        return key_prefix(self.recipe)
 
     # -- steps ----------------------------------------------------------------------------------
     def debate_settings(self, phase: str, *, evaluation: bool = False) -> DebateSettings:
@@ -336,18 +264,30 @@ class Society:
         task = self.eval_task if evaluation else self.task
         prompts = self.eval_prompts if evaluation else self.prompts
         slots = self.eval_slots() if evaluation else self.slots
+        per_problem = calls_per_problem(len(slots), settings)
+        # counted per model call, not per problem: a problem of a slow model can take minutes, and a
+        # bar that sits at 0/3 for eight of them tells nothing (the tokens/s say whether work flows)
         bar = tqdm(
-            total=len(problems),
-            initial=len(problems) - len(todo),
+            total=len(problems) * per_problem,
+            initial=(len(problems) - len(todo)) * per_problem,
             desc=f"debate {phase}",
-            unit="problem",
+            unit="call",
             disable=not self.progress,
-            leave=False,
+            leave=True,
         )
+        started, generated = time.perf_counter(), 0
+
+        def called(out: Completion) -> None:
+            nonlocal generated
+            if not out.cached:
+                generated += out.usage.completion_tokens
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            if elapsed > 0 and generated:
+                bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s", refresh=False)
 
         def finished(t: Transcript) -> None:
             self.store.put_transcript(t)
-            bar.update(1)
 
         failed: list[tuple[Problem, TransientBackendError]] = []
 
@@ -361,6 +301,7 @@ class Society:
                 settings,
                 on_done=finished,
                 on_failure=lambda p, e: failed.append((p, e)),
+                on_call=called,
             )
 
         try:
@@ -371,10 +312,7 @@ class Society:
                 if failed:
                     again = [p for p, _ in failed]
                     failed.clear()
-                    print(
-                        f"agentsoc: {phase}: {len(again)} problem(s) used up their retries; trying them once more",
-                        file=sys.stderr,
-                    )
+                    log.warning("%s: %d problem(s) used up their retries; trying them once more", phase, len(again))
                     await attempt(again)
         finally:
             bar.close()
@@ -457,11 +395,18 @@ class Society:
         sets = self._write_datasets(iteration, data)
         floor = max(self.recipe.selection.min_examples, self.backend.capabilities.min_finetune_examples)
         caps = [c for c in (self.recipe.backend.max_active_jobs, self.backend.capabilities.max_active_jobs) if c]
-        active = asyncio.Semaphore(min(caps) if caps else len(sets) or 1)
         base_models = self.recipe.society.base_models()
         spec = self.recipe.finetune.spec
         bar = tqdm(
-            total=len(sets), desc=f"finetune iter-{iteration}", unit="job", disable=not self.progress, leave=False
+            total=len(sets), desc=f"finetune iter-{iteration}", unit="job", disable=not self.progress, leave=True
+        )
+        runner = JobRunner(
+            self.backend,
+            self.store,
+            max_job_attempts=self.recipe.backend.max_job_attempts,
+            poll_interval_s=self.recipe.backend.poll_interval_s,
+            max_active=min(caps) if caps else None,
+            on_update=lambda job: bar.set_postfix_str(f"{job.key.rsplit('/', 2)[-2]} {job.state.value}"),
         )
 
         def job_key(agent_key: str, role: str) -> str:
@@ -471,24 +416,27 @@ class Society:
 
         async def one(agent_key: str, role: str, examples: list[ChatExample]) -> tuple[str, str, ModelRef | None]:
             if len(examples) < floor:
-                if self.progress:
-                    tqdm.write(
-                        f"iter-{iteration} agent {agent_key} {role}: {len(examples)} examples < {floor}, not finetuned"
-                    )
+                log.info(
+                    "iter-%d agent %s %s: %d examples < %d, not finetuned",
+                    iteration,
+                    agent_key,
+                    role,
+                    len(examples),
+                    floor,
+                )
                 bar.update(1)
                 return agent_key, role, None
             slot = self.slots[0 if agent_key == "all" else int(agent_key)]
             current = slot.critic if role == "critic" else slot.generator
             base = base_models[slot.index] if self.recipe.finetune.from_base else current
-            key = job_key(agent_key, role)
             labels = {"run": self.recipe.name, "iteration": str(iteration), "agent": agent_key, "role": role}
-            async with active:
-                job = await self._run_job(key, base, examples, spec.model_copy(update={"metadata": labels}))
+            job_spec = spec.model_copy(update={"metadata": labels})
+            job = await runner.run(job_key(agent_key, role), base, examples, job_spec)
             bar.update(1)
             return agent_key, role, job.result
 
         try:
-            with self._stage(f"iter-{iteration}/finetune", work=any(self.store.get_job(k) is None for k in keys)):
+            with self._stage(f"iter-{iteration}/finetune", work=runner.pending(keys)):
                 # every job runs to its end even when one fails: the others are paid for, and their true
                 # state lands in the store (agentsoc jobs), so a resumed run adopts them
                 outcomes = await asyncio.gather(*(one(a, r, ex) for (a, r), ex in sets.items()), return_exceptions=True)
@@ -538,63 +486,6 @@ class Society:
         if work and match:
             stage: Stage = match[2]  # type: ignore[assignment]
             self.store.put_wall_time(int(match[1]), stage, time.perf_counter() - start)
-
-    async def _run_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec) -> Job:
-        """Run the job ``key`` to success, resubmitting a failed one under a new attempt.
-
-        Attempt k > 1 has the key ``<key>#attempt-<k>``, so every attempt is a job of its own (the
-        backend adopts each by its key) and stays visible in ``agentsoc jobs``. A failure the backend
-        marks permanent (a file the provider rejects, nothing to train) is not retried; a transient
-        one (a server error, a lost worker) is, up to ``backend.max_job_attempts`` attempts in all,
-        counted across resumed runs.
-        """
-        limit = self.recipe.backend.max_job_attempts
-        for attempt in range(1, limit + 1):
-            attempt_key = key if attempt == 1 else f"{key}#attempt-{attempt}"
-            job = await self._await_job(attempt_key, base, examples, spec)
-            if job.state is JobState.SUCCEEDED and job.result is not None:
-                _warn_if_lost(job, spec.max_seq_len)
-                return job
-            reason = job.error or f"job ended {job.state.value} without a model"
-            if not job.retryable:
-                raise JobFailedError(
-                    job, f"fine-tuning job {job.id} for {attempt_key} failed permanently (not retried): {reason}"
-                )
-            if attempt < limit:
-                print(
-                    f"agentsoc: fine-tuning job {attempt_key} failed ({reason}); attempt {attempt + 1}", file=sys.stderr
-                )
-        raise JobFailedError(
-            job,
-            f"fine-tuning job {job.id} for {key} failed {limit} times (backend.max_job_attempts): {reason}; "
-            "finished work is saved: raise backend.max_job_attempts and run the same command with --resume",
-        )
-
-    async def _await_job(self, key: str, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec) -> Job:
-        """Submit (or find) the job ``key`` and poll it until it ends."""
-        job = self.store.get_job(key)
-        if job is None:
-            job = await self._patiently(functools.partial(self.backend.submit_finetune, base, examples, spec, key=key))
-            self.store.put_job(job)  # recorded before it is awaited: a crash from here on resumes it
-        while not job.state.terminal:
-            await asyncio.sleep(self.recipe.backend.poll_interval_s)
-            polled = await self._patiently(functools.partial(self.backend.poll_finetune, job))
-            if polled != job:
-                self.store.put_job(polled)
-            job = polled
-        return job
-
-    async def _patiently(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``call``, tried again after a growing pause (up to 5 times) when it used up the backend's
-        retries. For jobs only: the job runs on without us, and a submission adopts the job its lost
-        predecessor may have created (by key), so nothing is lost or paid twice by waiting."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(6),
-            wait=wait_exponential(multiplier=2 * self.recipe.backend.poll_interval_s),
-            retry=retry_if_exception_type(TransientBackendError),
-            reraise=True,
-        )
-        return await retrying(call)
 
     async def evaluate(self, iteration: int) -> EvalScores | None:
         """Debate the held-out problems with the current slots, score the votes, measure diversity.
@@ -658,30 +549,21 @@ class Society:
             extra = [[_prepend(ex, agent_id_message(n, "generator")) for ex in e] for n, e in enumerate(extra)]
         return [d.model_copy(update={"generator": d.generator + tuple(extra[d.agent])}) for d in data]
 
-    async def run(self) -> list[IterationRecord]:
-        """Evaluate the base society, then run every finetuning iteration of the recipe."""
+    async def run(self, on_iteration: Callable[[list[IterationRecord]], None] | None = None) -> list[IterationRecord]:
+        """Evaluate the base society, then run every finetuning iteration of the recipe.
+
+        ``on_iteration`` gets the records so far after each iteration: a run of hours shows each
+        iteration's accuracy when it is known, not only at the end."""
         await self.evaluate(0)
         results = [self.store.iteration(0)]
+        if on_iteration is not None:
+            on_iteration(results)
         for iteration in range(1, self.recipe.finetune.iterations + 1):
             results.append(await self.iterate(iteration))
+            if on_iteration is not None:
+                on_iteration(results)
         self.store.set_meta("finished", "1")
         return results
-
-
-#: share of a job's examples that max_seq_len may cut or leave out before the run says so
-LOST_WARNING = 0.05
-
-
-def _warn_if_lost(job: Job, max_seq_len: int) -> None:
-    if not job.examples:
-        return
-    lost = (job.truncated or 0) + (job.dropped or 0)
-    if lost / job.examples > LOST_WARNING:
-        print(
-            f"agentsoc: warning: {job.key}: max_seq_len {max_seq_len} cut {job.truncated or 0} and left out "
-            f"{job.dropped or 0} of {job.examples} training examples; raise finetune.spec.max_seq_len",
-            file=sys.stderr,
-        )
 
 
 def _prepend(example: ChatExample, message: Message) -> ChatExample:

@@ -195,6 +195,9 @@ class Job(_Frozen):
     examples: int | None = None
     truncated: int | None = None
     dropped: int | None = None
+    #: the training loss at each logged step, where the backend reports it: the one-line summary a
+    #: finished job prints, and the curve in the report and the run browser
+    losses: tuple[float, ...] = ()
     #: for a failed job: whether submitting it again may succeed (a server error) or not (a file the
     #: provider rejects, nothing to train); the society retries only the former
     retryable: bool = True

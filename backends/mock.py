@@ -338,6 +338,7 @@ class MockBackend:
             base=rec["base"],
             state=JobState.SUCCEEDED,
             result=rec["result"],
+            losses=_simulated_losses(rec.get("examples", 0)),
             progress=1.0,
             examples=rec.get("examples"),
             truncated=0 if "examples" in rec else None,
@@ -377,3 +378,10 @@ def create(options: MockOptions, run_dir: Path) -> MockBackend:
         fail_jobs=options.fail_jobs,
         flaky_jobs=options.flaky_jobs,
     )
+
+
+def _simulated_losses(examples: int) -> tuple[float, ...]:
+    """A made-up falling curve, one point per example (at most 20): the mock shows where losses appear
+    (the job line, the report, the run browser); it never claims anything about learning."""
+    steps = max(1, min(examples, 20))
+    return tuple(round(2.0 / (1 + 0.3 * i), 4) for i in range(steps))

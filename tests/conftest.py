@@ -10,6 +10,7 @@ import pytest
 import tomli_w
 
 from agentsoc.backend import Capabilities, cannot_score
+from agentsoc.config import set_dotted
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs, Usage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +58,7 @@ def mock_recipe(**overrides: Any) -> dict[str, Any]:
         "society": {"agents": 3, "rounds": 2, "models": ["mock:0.45", "mock:0.5", "mock:0.55"]},
         "finetune": {"iterations": 2},
     }
-    for dotted, value in overrides.items():
-        node = recipe
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return recipe
+    return set_dotted(recipe, overrides)
 
 
 @pytest.fixture(scope="session")

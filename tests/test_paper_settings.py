@@ -56,7 +56,7 @@ async def test_the_report_lists_the_switches_a_run_used(write_recipe: Any, tmp_p
 
 
 async def test_examples_lost_to_max_seq_len_are_counted_shown_and_warned_about(
-    write_recipe: Any, tmp_path: Path, capsys: Any
+    write_recipe: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from agentsoc.cli import summary_table
 
@@ -66,7 +66,7 @@ async def test_examples_lost_to_max_seq_len_are_counted_shown_and_warned_about(
         results = await soc.run()
     n, cut, dropped = results[1].lost_examples()
     assert n > 0 and cut == 0 and 0 < dropped < n
-    assert "max_seq_len 40 cut 0 and left out" in capsys.readouterr().err
+    assert "max_seq_len 40 cut 0 and left out" in caplog.text
     assert f"0 / {dropped} of {n}" in summary_table(results)
     text = render(tmp_path / "run", plots=False).read_text()
     assert "cut / left out by max_seq_len (40)" in text and f"0 / {dropped} of {n}" in text

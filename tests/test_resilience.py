@@ -95,7 +95,7 @@ class Flaky(MockBackend):
 
 
 async def test_problems_that_used_up_their_retries_get_one_more_round_at_the_end_of_the_stage(
-    tmp_path: Path, capsys: Any
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     recipe = recipe_from_dict(mock_recipe(**{"finetune.iterations": 0, "backend.max_attempts": 2}))
     task = tasks.create("arithmetic", {})
@@ -104,7 +104,7 @@ async def test_problems_that_used_up_their_retries_get_one_more_round_at_the_end
     async with Society(recipe, run_dir=tmp_path / "run", backend=backend, task=task, progress=False) as soc:
         scores = await soc.evaluate(0)
         assert scores is not None and scores.debate.n == 20  # every problem finished, in one invocation
-    assert "3 problem(s) used up their retries; trying them once more" in capsys.readouterr().err
+    assert "3 problem(s) used up their retries; trying them once more" in caplog.text
 
 
 async def test_a_stage_that_still_fails_stops_with_what_to_do(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from conftest import mock_recipe
 
 from agentsoc import tasks
 from agentsoc.config import RecipeError, load_recipe, recipe_from_dict
-from agentsoc.society import RunDirError, Society, prepare_run_dir
+from agentsoc.rundir import RunDirError, prepare_run_dir
+from agentsoc.society import Society
 
 
 async def test_a_second_process_on_a_run_directory_is_refused_at_once(write_recipe: Any, tmp_path: Path) -> None:

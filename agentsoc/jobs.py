@@ -1,0 +1,127 @@
+"""Fine-tuning jobs run to their end: submitted (or adopted) by key, recorded, polled, retried.
+
+Two kinds of failure, each handled in exactly one place:
+
+* a *call* that fails (a 5xx on submit or poll) is retried by the backend's one retry layer
+  (:class:`agentsoc.wrappers.Retrying`, ``backend.max_attempts``); this module adds no retries on
+  top, so a failing submission gets ``max_attempts`` tries, not a product of nested loops;
+* a *job* that fails (the provider's worker died) is resubmitted as a new attempt under
+  ``<key>#attempt-<k>``, up to ``backend.max_job_attempts``; a failure the backend marks
+  permanent (a file the provider rejects) is reported at once.
+
+Every job is stored under its key the moment the backend returns it, before it is awaited, so a
+resumed run polls it (or the backend adopts it by key) instead of paying for it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from agentsoc.backend import Backend, JobFailedError
+from agentsoc.store import RunStore
+from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, ModelRef
+
+log = logging.getLogger(__name__)
+
+#: share of a job's examples that max_seq_len may cut or leave out before the run says so
+LOST_WARNING = 0.05
+
+
+class JobRunner:
+    """Runs the jobs of one run against one backend, at most ``max_active`` at once."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        store: RunStore,
+        *,
+        max_job_attempts: int,
+        poll_interval_s: float,
+        max_active: int | None,
+        on_update: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.max_job_attempts = max_job_attempts
+        self.poll_interval_s = poll_interval_s
+        self._active = asyncio.Semaphore(max_active) if max_active else None
+        self._on_update = on_update
+
+    def pending(self, keys: Sequence[str]) -> bool:
+        """Whether any of ``keys`` has never been submitted (so running them is work, not adoption)."""
+        return any(self.store.get_job(k) is None for k in keys)
+
+    async def run(self, key: str, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec) -> Job:
+        """The job ``key`` run to success, resubmitted under a new attempt while its failures are
+        transient; attempts are counted across resumed runs (each is a stored job of its own)."""
+        if self._active is None:
+            return await self._run(key, base, examples, spec)
+        async with self._active:
+            return await self._run(key, base, examples, spec)
+
+    async def _run(self, key: str, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec) -> Job:
+        limit = self.max_job_attempts
+        for attempt in range(1, limit + 1):
+            attempt_key = key if attempt == 1 else f"{key}#attempt-{attempt}"
+            job = await self._await(attempt_key, base, examples, spec)
+            if job.state is JobState.SUCCEEDED and job.result is not None:
+                _report_finished(job, spec.max_seq_len)
+                return job
+            reason = job.error or f"job ended {job.state.value} without a model"
+            if not job.retryable:
+                raise JobFailedError(
+                    job, f"fine-tuning job {job.id} for {attempt_key} failed permanently (not retried): {reason}"
+                )
+            if attempt < limit:
+                log.warning("fine-tuning job %s failed (%s); attempt %d", attempt_key, reason, attempt + 1)
+        raise JobFailedError(
+            job,
+            f"fine-tuning job {job.id} for {key} failed {limit} times (backend.max_job_attempts): {reason}; "
+            "finished work is saved: raise backend.max_job_attempts and run the same command with --resume",
+        )
+
+    async def _await(self, key: str, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec) -> Job:
+        """Submit (or find) the job ``key`` and poll it until it ends."""
+        job = self.store.get_job(key)
+        if job is None:
+            job = await self.backend.submit_finetune(base, examples, spec, key=key)
+            self.store.put_job(job)  # recorded before it is awaited: a crash from here on resumes it
+            self._notify(job)
+        while not job.state.terminal:
+            await asyncio.sleep(self.poll_interval_s)
+            polled = await self.backend.poll_finetune(job)
+            if polled != job:
+                self.store.put_job(polled)
+                self._notify(polled)
+            job = polled
+        return job
+
+    def _notify(self, job: Job) -> None:
+        if self._on_update is not None:
+            self._on_update(job)
+
+
+def loss_summary(job: Job) -> str:
+    """One line per finished job: the loss it started and ended at (what a person checks first)."""
+    if not job.losses:
+        return f"{job.key}: trained ({job.examples or '?'} examples)"
+    first, last = job.losses[0], job.losses[-1]
+    return f"{job.key}: loss {first:.3f} → {last:.3f} over {len(job.losses)} logged steps"
+
+
+def _report_finished(job: Job, max_seq_len: int) -> None:
+    log.info("%s", loss_summary(job))
+    if not job.examples:
+        return
+    lost = (job.truncated or 0) + (job.dropped or 0)
+    if lost / job.examples > LOST_WARNING:
+        log.warning(
+            "%s: max_seq_len %d cut %d and left out %d of %d training examples; raise finetune.spec.max_seq_len",
+            job.key,
+            max_seq_len,
+            job.truncated or 0,
+            job.dropped or 0,
+            job.examples,
+        )
