@@ -2,9 +2,12 @@
 
 Two kinds of failure, each handled in exactly one place:
 
-* a *call* that fails (a 5xx on submit or poll) is retried by the backend's one retry layer
-  (:class:`agentsoc.wrappers.Retrying`, ``backend.max_attempts``); this module adds no retries on
-  top, so a failing submission gets ``max_attempts`` tries, not a product of nested loops;
+* a *job call* that fails (a 5xx on submit or poll) is retried here and nowhere else (the backend's
+  call-level retry layer lets job calls pass): with back-off, the server's Retry-After honoured,
+  until the call has failed for ``backend.job_patience_s``. A time budget, not a count: a
+  submission is several requests (adopt, upload, create), each of which may fail, and it is safe to
+  repeat (the backend adopts a job by its key), so what a person needs bounded is the time before
+  the run gives up — and the first failure is told at once, while the retries go on;
 * a *job* that fails (the provider's worker died) is resubmitted as a new attempt under
   ``<key>#attempt-<k>``, up to ``backend.max_job_attempts``; a failure the backend marks
   permanent (a file the provider rejects) is reported at once.
@@ -16,14 +19,21 @@ resumed run polls it (or the backend adopts it by key) instead of paying for it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
-from agentsoc.backend import Backend, JobFailedError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
+
+from agentsoc.backend import Backend, JobFailedError, TransientBackendError
 from agentsoc.store import RunStore
 from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, ModelRef
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: share of a job's examples that max_seq_len may cut or leave out before the run says so
 LOST_WARNING = 0.05
@@ -40,12 +50,16 @@ class JobRunner:
         max_job_attempts: int,
         poll_interval_s: float,
         max_active: int | None,
+        job_patience_s: float = 600.0,
+        max_backoff_s: float = 30.0,
         on_update: Callable[[Job], None] | None = None,
     ) -> None:
         self.backend = backend
         self.store = store
         self.max_job_attempts = max_job_attempts
         self.poll_interval_s = poll_interval_s
+        self.job_patience_s = job_patience_s
+        self.max_backoff_s = max_backoff_s
         self._active = asyncio.Semaphore(max_active) if max_active else None
         self._on_update = on_update
 
@@ -86,17 +100,54 @@ class JobRunner:
         """Submit (or find) the job ``key`` and poll it until it ends."""
         job = self.store.get_job(key)
         if job is None:
-            job = await self.backend.submit_finetune(base, examples, spec, key=key)
+            job = await self._patiently(
+                f"submitting {key}", functools.partial(self.backend.submit_finetune, base, examples, spec, key=key)
+            )
             self.store.put_job(job)  # recorded before it is awaited: a crash from here on resumes it
             self._notify(job)
         while not job.state.terminal:
             await asyncio.sleep(self.poll_interval_s)
-            polled = await self.backend.poll_finetune(job)
+            polled = await self._patiently(
+                f"polling job {job.id} of {key}", functools.partial(self.backend.poll_finetune, job)
+            )
             if polled != job:
                 self.store.put_job(polled)
                 self._notify(polled)
             job = polled
         return job
+
+    async def _patiently(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` retried on transient errors until it has failed for ``job_patience_s``.
+
+        ``call`` must be an async function (a ``functools.partial`` of one), not a lambda returning
+        a coroutine: tenacity tells the two apart and would hand back the coroutine unawaited."""
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            hint = exc.retry_after if isinstance(exc, TransientBackendError) else None
+            if hint is not None and hint >= 0:
+                return min(hint, self.max_backoff_s)
+            return random.uniform(0, min(self.max_backoff_s, 0.5 * 2 ** (state.attempt_number - 1)))
+
+        def tell(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if state.attempt_number == 1:
+                log.warning("%s failed (%s); retrying for up to %.0f s", what, exc, self.job_patience_s)
+
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self.job_patience_s),
+            wait=wait,
+            retry=retry_if_exception_type(TransientBackendError),
+            before_sleep=tell,
+            reraise=True,
+        )
+        try:
+            return await retrying(call)
+        except TransientBackendError as e:
+            raise TransientBackendError(
+                f"{what} kept failing for {self.job_patience_s:.0f} s (backend.job_patience_s): {e}; "
+                "finished work is saved: run the same command with --resume"
+            ) from e
 
     def _notify(self, job: Job) -> None:
         if self._on_update is not None:

@@ -17,6 +17,7 @@ import collections
 import contextvars
 import hashlib
 import json
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,14 +25,23 @@ from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from agentsoc.backend import Backend, TransientBackendError
+from agentsoc.backend import Backend, TransientBackendError, probe
 from agentsoc.store import RunStore
 from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, ModelRef, Sampling, TokenLogprobs
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: A function that shows one line to the person running agentsoc (see :func:`tell`).
+Notify = Callable[[str], None]
 
 #: The stage a call belongs to (``iter-1/train``); set by the society, read by the meter.
 current_stage: contextvars.ContextVar[str] = contextvars.ContextVar("agentsoc_stage", default="other")
+
+
+def tell(line: str) -> None:
+    """A warning for the person running agentsoc (the command line shows it above the progress bars)."""
+    log.warning("%s", line)
 
 
 class _Wrapper:
@@ -58,6 +68,10 @@ class _Wrapper:
 
     async def release(self, models: Sequence[ModelRef]) -> None:
         await self.inner.release(models)
+
+    async def check(self, models: Sequence[ModelRef]) -> None:
+        # straight through, never retried or queued: a start-up probe must answer in seconds
+        await probe(self.inner, models)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -123,7 +137,13 @@ class Metered(_Wrapper):
 
 
 class Limited(_Wrapper):
-    """At most ``limit`` calls in flight. The semaphore is created inside the running loop."""
+    """At most ``limit`` calls in flight. The semaphore is created inside the running loop.
+
+    A backend whose calls wait in a provider-side queue (``capabilities.queued``: the Batch API)
+    is not limited: a call holding a slot while its batch waits hours would cap every batch at
+    ``limit`` requests (226 batches of ~7 requests were measured at concurrency 16); the batcher
+    sizes batches by what the Batch API allows instead.
+    """
 
     def __init__(self, inner: Backend, limit: int) -> None:
         super().__init__(inner)
@@ -136,6 +156,8 @@ class Limited(_Wrapper):
         return self._sem
 
     async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
+        if self.capabilities.queued:
+            return await self.inner.complete(model, messages, sampling)
         async with self._semaphore():
             return await self.inner.complete(model, messages, sampling)
 
@@ -151,17 +173,35 @@ class Retrying(_Wrapper):
     A server that says when to come back (Retry-After) or fails most recent calls is overloaded as a
     whole: every call then waits for the same moment instead of each retrying on its own timer and
     keeping the pressure up. Calls waiting here hold no concurrency slot (the limiter is inside).
+
+    A failing backend is named at once: the first transient failure is told (``notify``) the moment
+    it happens — "retrying (attempt 1 of 6): … connection refused at http://…" — and later ones at
+    most once every ``NOTIFY_EVERY_S`` seconds with a count, so a dead endpoint is reported in
+    seconds while the retries go on, and a flaky one does not flood the terminal.
     """
 
     #: recent outcomes watched for an error-rate spike, and the failing share that counts as one
     WINDOW = 40
     SPIKE = 0.5
+    #: seconds between two "retrying" lines; the failures in between are counted into the next one
+    NOTIFY_EVERY_S = 60.0
 
-    def __init__(self, inner: Backend, *, max_attempts: int = 6, max_backoff_s: float = 30.0, base_s: float = 0.5):
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        max_attempts: int = 6,
+        max_backoff_s: float = 30.0,
+        base_s: float = 0.5,
+        notify: Notify = tell,
+    ):
         super().__init__(inner)
         self.max_attempts = max_attempts
         self.max_backoff_s = max_backoff_s
         self.base_s = base_s
+        self.notify = notify
+        self._told_at: float | None = None  # time.monotonic() of the last "retrying" line
+        self._untold = 0  # transient failures since then
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=self.WINDOW)
         self._spikes = 0  # consecutive spikes: the shared pause doubles with each
         self._paused_until = 0.0  # time.monotonic() before which no call starts
@@ -179,8 +219,20 @@ class Retrying(_Wrapper):
             stop=stop_after_attempt(self.max_attempts),
             wait=self._wait,
             retry=retry_if_exception_type(TransientBackendError),
+            before_sleep=self._tell,
             reraise=True,
         )
+
+    def _tell(self, state: RetryCallState) -> None:
+        """Name a transient failure that will be retried: the first at once, later ones summarised."""
+        exc = state.outcome.exception() if state.outcome is not None else None
+        now = time.monotonic()
+        self._untold += 1
+        if self._told_at is not None and now - self._told_at < self.NOTIFY_EVERY_S:
+            return
+        more = f" ({self._untold - 1} more failed calls since the last report)" if self._untold > 1 else ""
+        self.notify(f"retrying (attempt {state.attempt_number} of {self.max_attempts}): {exc}{more}")
+        self._told_at, self._untold = now, 0
 
     def _record(self, ok: bool, retry_after: float | None = None) -> None:
         """Count an outcome; pause every call when the server asks to, or when most calls fail."""
@@ -215,14 +267,8 @@ class Retrying(_Wrapper):
     async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
         return await self._attempts(lambda: self.inner.complete(model, messages, sampling))
 
-    async def submit_finetune(
-        self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, *, key: str
-    ) -> Job:
-        # Safe to retry only because submit_finetune adopts an existing job with the same key.
-        return await self._attempts(lambda: self.inner.submit_finetune(base, examples, spec, key=key))
-
-    async def poll_finetune(self, job: Job) -> Job:
-        return await self._attempts(lambda: self.inner.poll_finetune(job))
+    # Job calls (submit_finetune, poll_finetune) pass straight through: agentsoc.jobs retries them,
+    # by a time budget rather than a count (a submission is several requests, idempotent by key).
 
     async def score(self, model: ModelRef, messages: Sequence[Message], response: str) -> TokenLogprobs:
         return await self._attempts(lambda: self.inner.score(model, messages, response))
@@ -236,9 +282,12 @@ def compose(
     max_attempts: int = 6,
     max_backoff_s: float = 30.0,
     shared: Sequence[RunStore] = (),
+    notify: Notify = tell,
 ) -> Backend:
     """The run's backend stack (see the module docstring for the order and why)."""
-    stacked: Backend = Retrying(Limited(backend, concurrency), max_attempts=max_attempts, max_backoff_s=max_backoff_s)
+    stacked: Backend = Retrying(
+        Limited(backend, concurrency), max_attempts=max_attempts, max_backoff_s=max_backoff_s, notify=notify
+    )
     if store is not None:
         stacked = Cached(Metered(stacked, store), store, shared)
     return stacked

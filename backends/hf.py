@@ -1,165 +1,67 @@
-"""Local LoRA finetuning on CPU with transformers + peft: loss masks and the trainer.
+"""The CPU LoRA trainer: transformers + peft and a hand-written loop, one job folder per process.
 
-Two layers, each usable alone:
+    python -m backends.hf JOB_DIR
 
-- :func:`build_example` — tokens and per-token loss weights of one chat example, rendered with the
-  model's own chat template (the same template llama.cpp uses at inference). Only assistant
-  messages are trained, with their ``weight`` (``None`` = 1, ``0`` = masked); system/user turns
-  and the template's scaffolding before an assistant message are always masked; the assistant's
-  end-of-turn token is trained so the model learns to stop. Pure Python; tests use fakes.
-- :class:`LoraTrainer` — keeps ONE dequantised base model (float32, loaded from the GGUF with
-  ``gguf_file=``) across jobs; per job it injects fresh LoRA modules (or the previous adapter's
-  weights, for continued finetuning), trains, saves the PEFT adapter, converts it to a GGUF LoRA
-  adapter for llama.cpp (:mod:`backends.gguf_lora`) and removes the LoRA modules again.
+It trains the job folder of :mod:`backends.job_folder` (the contract it shares with the TRL job)
+and exits, so the serving process never loads torch and a finished job's memory is returned.
+:class:`LoraTrainer` loads the base (float32: a transformers folder, the cached dequantised copy of
+the GGUF, or the GGUF itself, dequantised and cached for the next job), injects fresh LoRA
+modules (or the previous adapter's weights, for continued finetuning), trains, saves the PEFT
+adapter and removes the LoRA modules again; with ``serve_gguf`` the adapter is also converted to a
+GGUF LoRA adapter for llama.cpp (:mod:`backends.gguf_lora`) and the loss mask is rendered with that
+GGUF's chat template (the one llama.cpp uses at inference). Masks and the step schedule come from
+:mod:`backends.training`.
 
-The job queue that runs the trainer like a remote API is :mod:`backends.local_jobs`.
-
-Full finetuning (``method = "full"``) is refused: llama.cpp serves LoRA adapters on the one
-quantised base, and a full model would need a 1 GB f16 GGUF export per agent and role.
+What places these jobs is :mod:`backends.local_jobs`. Full finetuning (``method = "full"``) is
+refused: llama.cpp serves LoRA adapters on the one quantised base, and a full model would need a
+1 GB f16 GGUF export per agent and role.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agentsoc.backend import FatalBackendError
-from agentsoc.types import ChatExample, FinetuneSpec, Message
-from backends.llamacpp import cpu_flags, usable_cpus
+from agentsoc.types import ChatExample, FinetuneSpec
+from backends.job_folder import (
+    JobError,
+    JobInput,
+    JobResult,
+    ProgressLog,
+    job_main,
+    read_inputs,
+    run_job,
+    start_output,
+    write_result,
+)
 from backends.options import DEFAULT_TARGETS
+from backends.training import (
+    Encoded,
+    EncodedSet,
+    encode_examples,
+    native_bf16,
+    schedule,
+    tokenizer_functions,
+    usable_cpus,
+)
 
-HF_PIP = "pip install 'agentsoc[local,hf]'   (torch==2.13.0, transformers, peft, gguf)"
+log = logging.getLogger(__name__)
 
-#: render(messages as dicts, add_generation_prompt) -> text
-Render = Callable[[list[dict[str, str]], bool], str]
-#: tokenize(text) -> (token ids, (start, end) character offsets per token)
-Tokenize = Callable[[str], tuple[list[int], list[tuple[int, int]]]]
-
-
-# --------------------------------------------------------------------------- label masks
-
-
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: list[int]
-    weights: list[float]  #: loss weight of predicting input_ids[i] (0 = masked)
-
-    @property
-    def n_trained(self) -> int:
-        return sum(1 for w in self.weights if w > 0)
-
-
-def assistant_spans(messages: Sequence[Message], render: Render) -> tuple[str, list[tuple[int, int, float]]]:
-    """The rendered conversation and the character spans ``(start, end, weight)`` to train on.
-
-    A span covers an assistant message's content and the template's end-of-turn marker, found as
-    the difference between the conversation rendered up to that message and the same prefix
-    rendered with the generation prompt (so the ``<|im_start|>assistant\\n`` header is masked).
-    """
-    dicts = [{"role": m.role, "content": m.content} for m in messages]
-    full = render(dicts, False)
-    spans: list[tuple[int, int, float]] = []
-    for i, m in enumerate(messages):
-        if m.role != "assistant":
-            continue
-        weight = 1.0 if m.weight is None else float(m.weight)
-        if weight <= 0:
-            continue
-        before = render(dicts[:i], True)
-        upto = render(dicts[: i + 1], False)
-        if not (full.startswith(before) and full.startswith(upto) and upto.startswith(before)):
-            raise ValueError(
-                "the chat template does not render conversations prefix-consistently; cannot locate "
-                f"assistant message {i} for the loss mask"
-            )
-        end = len(before) + len(upto[len(before) :].rstrip())
-        spans.append((len(before), end, weight))
-    return full, spans
-
-
-def build_example(messages: Sequence[Message], render: Render, tokenize: Tokenize, max_len: int) -> Encoded:
-    """Token ids and per-token loss weights (weight of the token *as a target*)."""
-    text, spans = assistant_spans(messages, render)
-    ids, offsets = tokenize(text)
-    weights = [0.0] * len(ids)
-    for t, (start, _end) in enumerate(offsets):
-        for s, e, w in spans:
-            if s <= start < e:
-                weights[t] = w
-                break
-    return Encoded(input_ids=ids[:max_len], weights=weights[:max_len])
-
-
-#: build_example's max_len for the untruncated example (to count what truncation cut)
-NO_LIMIT = 1 << 30
-
-
-@dataclass(frozen=True)
-class EncodedSet:
-    """The rows to train on and what ``max_seq_len`` and the weights cost (reported in result.json)."""
-
-    rows: list[Encoded]
-    truncated: int  #: trained span cut by max_seq_len, part of it kept
-    dropped_too_long: int  #: every trained token lay beyond max_seq_len
-    dropped_no_target: int  #: no assistant message with weight > 0
-
-    def assistant_masks(self) -> list[list[int]]:
-        return [[1 if w > 0 else 0 for w in row.weights] for row in self.rows]
-
-
-def encode_examples(
-    examples: Sequence[ChatExample],
-    render: Callable[[list[dict[str, str]], bool], str],
-    tokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]],
-    max_len: int,
-) -> EncodedSet:
-    """Encode with :func:`backends.hf.build_example` twice — untruncated and at ``max_len`` — so the
-    truncation counts come from the very function that builds the training rows."""
-    rows: list[Encoded] = []
-    truncated = too_long = no_target = 0
-    for ex in examples:
-        full = build_example(ex.messages, render, tokenize, NO_LIMIT)
-        cut = build_example(ex.messages, render, tokenize, max_len)
-        if full.n_trained == 0:
-            no_target += 1
-        elif cut.n_trained == 0:
-            too_long += 1
-        else:
-            truncated += cut.n_trained < full.n_trained
-            rows.append(cut)
-    return EncodedSet(rows=rows, truncated=truncated, dropped_too_long=too_long, dropped_no_target=no_target)
-
-
-def tokenizer_functions(
-    tokenizer: Any,
-) -> tuple[Callable[[list[dict[str, str]], bool], str], Callable[[str], tuple[list[int], list[tuple[int, int]]]]]:
-    """render/tokenize for build_example, exactly as :class:`backends.hf.LoraTrainer` defines them."""
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
-
-    def tokenize(text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
-
-    return render, tokenize
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX/AVX512-BF16): there bf16 autocast is 1.7x
-    faster (measured 102 -> 173 training tokens/s on 2 cores); elsewhere emulated bf16 is slower."""
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
-
-
-# --------------------------------------------------------------------------- trainer
+HF_PIP = "pip install -e '.[local,hf]' (in the agentsoc checkout)   (torch==2.13.0, transformers, peft, gguf)"
+PROG = "agentsoc-train"
+#: the file name of the GGUF twin of the PEFT adapter, beside ``peft/`` in the output folder
+ADAPTER_GGUF = "adapter.gguf"
+DEQUANTISE = "--dequantise"
 
 
 @dataclass
@@ -169,27 +71,33 @@ class TrainResult:
     losses: list[float]
     trained_tokens: int
     seconds: float
-    #: examples given; of them, trained with a span cut by max_seq_len, and left out (nothing to train)
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
+    #: examples given; of them, trained, with a span cut by max_seq_len, and left out (EncodedSet.counts)
+    counts: dict[str, int]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerOptions:
-    model_path: Path  #: the base GGUF (also what llama.cpp serves)
-    hf_dir: Path | None = None  #: optional transformers folder of the same model (faster load, no dequant)
+    """Where the base comes from; what a :class:`LoraTrainer` keeps loaded across the jobs it trains."""
+
+    #: the GGUF llama.cpp serves: its chat template renders the mask; loaded (dequantised) without hf_dir
+    model_path: Path | None
+    hf_dir: Path | None = None  #: a transformers folder of the same model (faster load, no dequant)
     threads: int | None = None
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     hf_cache: bool = True  #: keep a float32 transformers copy of the GGUF in the cache dir
-    #: bfloat16 autocast for forward/backward (LoRA weights and optimizer stay float32); None = on
-    #: where the CPU has native bf16 (AMX/AVX512-BF16): 1.7x faster there (measured 102 -> 173
-    #: training tokens/s on 2 cores), slower than float32 elsewhere
-    bf16: bool | None = None
+
+    @classmethod
+    def of_job(cls, job: JobInput, job_dir: Path) -> TrainerOptions:
+        base = job.resolve(job_dir, job.base_model)
+        serve = job.resolve(job_dir, job.serve_gguf) if job.serve_gguf is not None else None
+        if base.is_file():  # a GGUF: dequantised when loaded
+            return cls(model_path=serve or base, threads=job.threads, hf_cache=job.cache_base)
+        if not (base / "config.json").is_file():
+            raise JobError(f"base_model {base} is neither a GGUF file nor a transformers folder (no config.json)")
+        return cls(model_path=serve, hf_dir=base, threads=job.threads, hf_cache=job.cache_base)
 
 
 class LoraTrainer:
-    """One dequantised base model kept across jobs; LoRA modules swapped per job."""
+    """One float32 base model kept across jobs; LoRA modules swapped per job."""
 
     def __init__(self, options: TrainerOptions) -> None:
         self.options = options
@@ -208,19 +116,19 @@ class LoraTrainer:
         torch.set_num_threads(self.options.threads or usable_cpus())
         _quiet_transformers()
         start = time.perf_counter()
-        cache = self._hf_cache_dir()
+        gguf = self.options.model_path
+        cache = hf_cache_dir(gguf) if gguf is not None and self.options.hf_cache else None
         if self.options.hf_dir is not None:
             src: dict[str, Any] = {"pretrained_model_name_or_path": str(self.options.hf_dir)}
         elif cache is not None and (cache / "complete").is_file():
             src = {"pretrained_model_name_or_path": str(cache)}
+        elif gguf is not None:
+            src = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
         else:
-            src = {
-                "pretrained_model_name_or_path": str(self.options.model_path.parent),
-                "gguf_file": self.options.model_path.name,
-            }
+            raise JobError("no base model: give a transformers folder or a GGUF file")
         self.tokenizer = AutoTokenizer.from_pretrained(**src)
         # the template llama.cpp uses is the one inside the GGUF: use exactly that one
-        template = _gguf_chat_template(self.options.model_path)
+        template = _gguf_chat_template(gguf) if gguf is not None else None
         if template is not None:
             self.tokenizer.chat_template = template
         self.model = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
@@ -228,12 +136,6 @@ class LoraTrainer:
         if "gguf_file" in src and cache is not None:
             self._save_cache(cache)
         self.load_seconds = time.perf_counter() - start
-
-    def _bf16(self) -> bool:
-        return self.options.bf16 if self.options.bf16 is not None else native_bf16()
-
-    def _hf_cache_dir(self) -> Path | None:
-        return hf_cache_dir(self.options.model_path) if self.options.hf_cache else None
 
     def _save_cache(self, cache: Path) -> None:
         """Save the dequantised model atomically (temp dir + rename); a failure only costs speed."""
@@ -261,10 +163,13 @@ class LoraTrainer:
             except OSError:  # another process won the race
                 shutil.rmtree(tmp, ignore_errors=True)
         except Exception as exc:  # disk full, read-only cache: train anyway
-            print(f"agentsoc: could not cache the dequantised model in {cache}: {exc}", file=sys.stderr)
+            log.warning("could not cache the dequantised model in %s: %s", cache, exc)
 
     def encode(self, examples: Sequence[ChatExample], max_len: int) -> EncodedSet:
-        return encode_examples(examples, *tokenizer_functions(self.tokenizer), max_len)
+        try:
+            return encode_examples(examples, *tokenizer_functions(self.tokenizer), max_len)
+        except ValueError as exc:  # a template the mask cannot follow: the same job would fail again
+            raise JobError(str(exc)) from None
 
     def train(
         self,
@@ -273,15 +178,20 @@ class LoraTrainer:
         out_dir: Path,
         *,
         init_adapter: Path | None = None,
-        on_step: Callable[[int, int, float], None] | None = None,
+        lora_targets: Sequence[str] = DEFAULT_TARGETS,
+        bf16: bool | None = None,
+        max_steps: int | None = None,
+        log: ProgressLog | None = None,
     ) -> TrainResult:
         """Train a LoRA adapter on ``examples``; saves it to ``out_dir/peft`` and returns the result.
 
         A hand-written loop, not TRL's SFTTrainer: on this CPU the same job costs 13-29% more CPU time
         per trained token through TRL (bench/trl_vs_local_train.py); the TRL job (backends.trl_train)
-        is the GPU path. Both take their tokens and loss mask from :func:`encode_examples`, and both
-        follow the spec's schedule: AdamW with ``weight_decay``, transformers' ``lr_scheduler`` with
-        ``warmup_ratio``, ``gradient_accumulation_steps`` micro-batches per optimizer step.
+        is the GPU path. Both take their tokens and loss mask from :func:`encode_examples` and their
+        step count and warmup from :func:`backends.training.schedule`: AdamW with ``weight_decay``,
+        transformers' ``lr_scheduler``, ``gradient_accumulation_steps`` micro-batches per optimizer
+        step (the last step of an epoch takes what is left). ``bf16``: autocast (LoRA weights and
+        optimizer stay float32); None = where the CPU has native bf16.
         """
         import torch
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -292,13 +202,12 @@ class LoraTrainer:
         random.seed(spec.seed)
         torch.manual_seed(spec.seed)
         counted = self.encode(examples, spec.max_seq_len)
+        problem = counted.nothing_to_train(len(examples), spec.max_seq_len)
+        if problem:
+            raise JobError(problem)
         encoded = counted.rows
-        if not encoded:
-            raise ValueError(
-                f"no trainable example among {len(examples)}: {counted.dropped_no_target} have no assistant message "
-                f"with weight > 0, {counted.dropped_too_long} have every trained token beyond max_seq_len "
-                f"{spec.max_seq_len}"
-            )
+        steps = schedule(len(encoded), spec, max_steps)
+        autocast = native_bf16() if bf16 is None else bf16
         if init_adapter is not None:
             model = PeftModel.from_pretrained(self.model, str(init_adapter), is_trainable=True)
         else:
@@ -306,7 +215,7 @@ class LoraTrainer:
                 r=spec.lora_r,
                 lora_alpha=spec.lora_alpha,
                 lora_dropout=spec.lora_dropout,
-                target_modules=list(self.options.lora_targets),
+                target_modules=list(lora_targets),
                 bias="none",
                 task_type="CAUSAL_LM",
             )
@@ -315,46 +224,34 @@ class LoraTrainer:
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optim = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-            order_rng = random.Random(spec.seed)
-            batches_per_epoch = (len(encoded) + spec.batch_size - 1) // spec.batch_size
-            accumulate = spec.gradient_accumulation_steps
-            total = math.ceil(batches_per_epoch * spec.epochs / accumulate)  # optimizer steps
-            schedule = get_scheduler(
-                spec.lr_scheduler,
-                optim,
-                num_warmup_steps=math.ceil(spec.warmup_ratio * total),
-                num_training_steps=total,
+            lr_schedule = get_scheduler(
+                spec.lr_scheduler, optim, num_warmup_steps=steps.warmup, num_training_steps=steps.total
             )
+            order_rng = random.Random(spec.seed)
             losses: list[float] = []
-            trained_tokens = 0
-            step = micro = 0
+            trained_tokens = step = 0
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            for _epoch in range(spec.epochs):
+            for _epoch in range(math.ceil(steps.total / steps.per_epoch)):
                 order = list(range(len(encoded)))
                 order_rng.shuffle(order)
-                for b in range(batches_per_epoch):
-                    batch = [encoded[i] for i in order[b * spec.batch_size : (b + 1) * spec.batch_size]]
-                    ids, mask, weights = _collate(batch, pad, torch)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16()):
-                        logits = model(input_ids=ids, attention_mask=mask).logits
-                    # position t predicts token t+1; a token's weight applies where it is the target
-                    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-                    target = ids[:, 1:]
-                    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                    w = weights[:, 1:]
-                    loss = (nll * w).sum() / w.sum().clamp_min(1e-8)
-                    (loss / accumulate).backward()
-                    micro += 1
-                    trained_tokens += int((w > 0).sum())
-                    if micro % accumulate and micro < batches_per_epoch * spec.epochs:
-                        continue
+                batches = [
+                    order[b * spec.batch_size : (b + 1) * spec.batch_size] for b in range(steps.batches_per_epoch)
+                ]
+                for k in range(min(steps.per_epoch, steps.total - step)):
+                    window = steps.window(k, spec.gradient_accumulation_steps)
+                    first = k * spec.gradient_accumulation_steps
+                    for rows in batches[first : first + window]:
+                        loss, targets = _micro_batch(model, [encoded[i] for i in rows], pad, autocast, torch)
+                        (loss / window).backward()
+                        trained_tokens += targets
+                    lr = float(lr_schedule.get_last_lr()[0])
                     optim.step()
-                    schedule.step()
+                    lr_schedule.step()
                     optim.zero_grad()
                     step += 1
                     losses.append(float(loss.detach()))
-                    if on_step is not None:
-                        on_step(step, total, losses[-1])
+                    if log is not None:
+                        log.step(step, steps.total, losses[-1], lr)
             peft_dir = out_dir / "peft"
             model.save_pretrained(str(peft_dir))
         finally:
@@ -367,10 +264,100 @@ class LoraTrainer:
             losses=losses,
             trained_tokens=trained_tokens,
             seconds=time.perf_counter() - start,
-            examples=len(examples),
-            truncated=counted.truncated,
-            dropped=counted.dropped_too_long + counted.dropped_no_target,
+            counts=counted.counts(len(examples)),
         )
+
+
+def _micro_batch(model: Any, batch: Sequence[Encoded], pad: int, bf16: bool, torch: Any) -> tuple[Any, int]:
+    """The weighted mean loss of one micro-batch and how many target tokens it trained."""
+    ids, mask, weights = _collate(batch, pad, torch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    # position t predicts token t+1; a token's weight applies where it is the target
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    target = ids[:, 1:]
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    w = weights[:, 1:]
+    return (nll * w).sum() / w.sum().clamp_min(1e-8), int((w > 0).sum())
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def train_job(job_dir: Path, trainer: LoraTrainer | None = None) -> LoraTrainer:
+    """Train the job in ``job_dir`` and write its result; returns the trainer, its base still loaded.
+
+    ``trainer`` is reused when it holds the job's base already (a launcher that trains in its own
+    process keeps one across jobs); otherwise a new one loads it."""
+    started = time.perf_counter()
+    job, spec, examples = read_inputs(job_dir)
+    if spec.method != "lora":
+        raise JobError(f"the CPU trainer trains LoRA adapters only (method={spec.method!r}); set method = 'lora'")
+    if job.device == "cuda" or job.gradient_checkpointing:
+        raise JobError("the CPU trainer trains on the CPU without gradient checkpointing; use backends.trl_train")
+    init = job.resolve(job_dir, job.init_adapter) if job.init_adapter is not None else None
+    if init is not None and not (init / "adapter_config.json").is_file():
+        raise JobError(f"init_adapter {init} is not a PEFT adapter folder (no adapter_config.json)")
+    options = TrainerOptions.of_job(job, job_dir)
+    if trainer is None or trainer.options != options:
+        trainer = LoraTrainer(options)
+    trainer.load()
+    out = start_output(job_dir, job)
+    bf16 = {"auto": None, "bf16": True, "fp32": False}[job.precision]
+    trained = trainer.train(
+        examples,
+        spec,
+        out,
+        init_adapter=init,
+        lora_targets=job.lora_targets,
+        bf16=bf16,
+        max_steps=job.max_steps,
+        log=ProgressLog(out, started),
+    )
+    adapter_gguf = None
+    if job.serve_gguf is not None:
+        from backends.gguf_lora import LoraConversionError, peft_to_gguf
+
+        try:
+            adapter_gguf = peft_to_gguf(
+                trained.peft_dir, out / ADAPTER_GGUF, base_gguf=job.resolve(job_dir, job.serve_gguf), name=job_dir.name
+            )
+        except LoraConversionError as exc:
+            raise JobError(f"the adapter does not convert to GGUF for llama.cpp: {exc}") from None
+    result = JobResult(
+        method="lora",
+        output=str(trained.peft_dir),
+        adapter_gguf=str(adapter_gguf) if adapter_gguf is not None else None,
+        steps=trained.steps,
+        losses=trained.losses,
+        trained_tokens=trained.trained_tokens,
+        seconds=round(trained.seconds, 3),
+        load_seconds=round(trainer.load_seconds or 0.0, 3),
+        job_seconds=round(time.perf_counter() - started, 3),
+        **trained.counts,
+        max_seq_len=spec.max_seq_len,
+        continued_from=str(init) if init is not None else None,
+        device="cpu",
+    )
+    write_result(job_dir, job, result)  # LAST: its presence means "done"
+    return trainer
+
+
+class InProcess:
+    """Trains job folders in the calling process with one :class:`LoraTrainer` kept across jobs
+    (``train_in_process``): no model load per job, but torch shares the process with llama.cpp."""
+
+    def __init__(self) -> None:
+        self.trainer: LoraTrainer | None = None
+
+    def __call__(self, job_dir: Path) -> tuple[int, str]:
+        return run_job(PROG, job_dir, self._train)
+
+    def _train(self, job_dir: Path) -> None:
+        self.trainer = train_job(job_dir, self.trainer)
+
+    def stop(self) -> None:
+        """A job training in this process cannot be ended early; it ends with the process."""
 
 
 def hf_cache_dir(gguf: Path) -> Path:
@@ -395,8 +382,8 @@ def hf_copy(gguf: Path) -> Path:
     cache = hf_cache_dir(gguf)
     if (cache / "complete").is_file():
         return cache
-    print(f"agentsoc: writing a transformers copy of {gguf.name} to {cache} (once; 1-3 min)", file=sys.stderr)
-    done = subprocess.run([sys.executable, "-m", "backends.hf", str(gguf)], capture_output=True, text=True)
+    log.info("writing a transformers copy of %s to %s (once; 1-3 min)", gguf.name, cache)
+    done = subprocess.run([sys.executable, "-m", "backends.hf", DEQUANTISE, str(gguf)], capture_output=True, text=True)
     if done.returncode != 0 or not (cache / "complete").is_file():
         last = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
         raise FatalBackendError(f"could not write the transformers copy of {gguf} to {cache}:\n{last}")
@@ -440,5 +427,15 @@ def _gguf_chat_template(path: Path) -> str | None:
     return bytes(f.parts[f.data[0]]).decode("utf-8")
 
 
-if __name__ == "__main__":  # python -m backends.hf GGUF: write its transformers copy (see hf_copy)
-    LoraTrainer(TrainerOptions(model_path=Path(sys.argv[1]))).load()
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m backends.hf JOB_DIR`` trains a job folder; ``--dequantise GGUF`` writes the GGUF's
+    transformers copy to the cache (:func:`hf_copy`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [DEQUANTISE] and len(args) == 2:
+        LoraTrainer(TrainerOptions(model_path=Path(args[1]))).load()
+        return 0
+    return job_main(PROG, train_job, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

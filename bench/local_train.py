@@ -1,5 +1,7 @@
 """Cost of local LoRA fine-tuning jobs through the ``local`` backend: base load, seconds per job of
-~50 debate-sized examples, a second job on the kept base (continued from the first), peak RSS.
+~50 debate-sized examples, a second job continued from the first (each job is a process of its own
+that loads the base: the first may dequantise the GGUF into the cache, later ones load the cached
+copy), peak RSS.
 
     .venv/bin/python bench/local_train.py [--examples 50] [--epochs 2]
 """
@@ -61,20 +63,21 @@ async def main_async(n: int, epochs: int, batch: int) -> None:
     first, t1 = await run_job(backend, "qwen", data, spec, "bench/iter-0/agent-0/generator")
     res1 = json.loads((Path(first.split("+adapter:")[1]).parent / "result.json").read_text())
     print(
-        f"job 1 ({n} examples, {epochs} epochs, batch {batch}): {t1:.1f} s wall = base load "
-        f"{res1['base_load_seconds']:.1f} s + training {res1['train_seconds']:.1f} s ({res1['steps']} steps, "
+        f"job 1 ({n} examples, {epochs} epochs, batch {batch}): {t1:.1f} s wall, process {res1['job_seconds']:.1f} s"
+        f" = base load {res1['load_seconds']:.1f} s + training {res1['seconds']:.1f} s ({res1['steps']} steps, "
         f"{res1['trained_tokens']} trained tokens, loss {res1['losses'][0]:.3f} -> {res1['losses'][-1]:.3f})"
     )
     second, t2 = await run_job(backend, first, data, spec, "bench/iter-1/agent-0/generator")
     res2 = json.loads((Path(second.split("+adapter:")[1]).parent / "result.json").read_text())
     print(
-        f"job 2 (continued from job 1, base kept loaded): {t2:.1f} s wall, training {res2['train_seconds']:.1f} s, "
+        f"job 2 (continued from job 1, a new process): {t2:.1f} s wall, process {res2['job_seconds']:.1f} s = "
+        f"base load {res2['load_seconds']:.1f} s + training {res2['seconds']:.1f} s, "
         f"loss {res2['losses'][0]:.3f} -> {res2['losses'][-1]:.3f}"
     )
     size = Path(second.split("+adapter:")[1]).stat().st_size
-    await backend.aclose()  # ends the training subprocess, so its peak RSS is counted below
+    await backend.aclose()
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-    print(f"GGUF adapter size {size / 1e6:.1f} MB; peak RSS of the training subprocess {rss:.2f} GB")
+    print(f"GGUF adapter size {size / 1e6:.1f} MB; peak RSS of a training process {rss:.2f} GB")
 
 
 def main() -> None:

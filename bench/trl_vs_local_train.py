@@ -27,8 +27,8 @@ from typing import Any
 from agentsoc.types import ChatExample, FinetuneSpec, Message
 from backends import bundled
 from backends.hf import LoraTrainer, TrainerOptions, hf_copy
-from backends.llamacpp import usable_cpus
-from backends.trl_train import JobInput, write_inputs
+from backends.job_folder import JobInput, write_inputs
+from backends.training import usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 

