@@ -2,154 +2,58 @@
 
     python -m backends.trl_train JOB_DIR
 
-The launcher (a Ray task, or anything that can start a process) writes three files into ``JOB_DIR``
-with :func:`write_inputs` and starts this module; the process trains, writes its outputs and exits,
-so a GPU's memory is free between jobs:
+The job folder — inputs (``job.json``, ``spec.json``, ``examples.jsonl``), outputs (``peft/`` or
+``model/``, ``train.log``, ``result.json`` written last) and exit codes — is
+:mod:`backends.job_folder`, the contract every trainer shares. This trainer writes ``peft/`` (a PEFT
+LoRA adapter vLLM loads as is) or ``model/`` (a full transformers model with its tokenizer,
+``method = "full"``).
 
-- ``examples.jsonl`` — OpenAI chat format with per-message ``weight`` (``ChatExample.to_openai()``);
-- ``spec.json`` — a :class:`~agentsoc.types.FinetuneSpec`;
-- ``job.json`` — a :class:`JobInput`: base model folder, optional adapter to continue from, output
-  folder, device/precision/threads, LoRA targets. Every training knob (epochs, batch, gradient
-  accumulation, lr, scheduler, warmup, weight decay, LoRA r/alpha/dropout, max_seq_len, seed) comes
-  from the spec, so one recipe means the same thing to every backend.
-
-Outputs under ``output_dir``: ``peft/`` (a PEFT LoRA adapter vLLM loads as is) or ``model/`` (a
-full transformers model with its tokenizer, ``method = "full"``); ``train.log`` (one JSON line
-per optimizer step: step, total, loss, lr, elapsed_s — the format of :mod:`backends.hf`'s log);
-``result.json`` written atomically and LAST — its presence means "done" to whoever adopts the job
-after a crash, so a job that finds it exits at once without training again.
-
-Loss mask: the tokens and per-token weights come from :func:`backends.hf.build_example` (the same
-rendering and masking as the CPU trainer). They reach TRL as a pre-tokenized dataset with an
-``assistant_masks`` column; TRL 1.x folds that column into ``labels`` (-100 where the mask is 0)
-while preparing the dataset, with no config flag (``assistant_only_loss`` stays off: it asks TRL to
-derive its own mask from ``{% generation %}`` markers in the chat template and needs a
-conversational, untokenized dataset). Because that contract moved between TRL releases (the
-collator used to apply the mask), :func:`check_labels` verifies the prepared labels against our
+Loss mask: the tokens and per-token weights come from :func:`backends.training.encode_examples` (the
+same rendering and masking as the CPU trainer), and so does the step schedule. The tokens reach TRL
+as a pre-tokenized dataset with an ``assistant_masks`` column; TRL 1.x folds that column into
+``labels`` (-100 where the mask is 0) while preparing the dataset, with no config flag
+(``assistant_only_loss`` stays off: it asks TRL to derive its own mask from ``{% generation %}``
+markers in the chat template and needs a conversational, untokenized dataset). Because that
+contract moved between TRL releases (the collator used to apply the mask), :func:`check_labels`
+verifies the prepared labels against our
 weights before training and refuses to train on anything else.
-
-Exit codes: 0 done (or already done), 2 bad input / nothing to train, 3 out of memory, 1 anything
-else; always one line on stderr, the traceback in ``JOB_DIR/error.txt``.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import shutil
-import sys
+import socket
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from agentsoc.types import ChatExample, FinetuneSpec
+from backends.job_folder import (
+    JobError,
+    JobInput,
+    JobResult,
+    ProgressLog,
+    job_main,
+    read_inputs,
+    start_output,
+    write_result,
+)
+from backends.training import (
+    EncodedSet,
+    Schedule,
+    encode_examples,
+    native_bf16,
+    schedule,
+    tokenizer_functions,
+    usable_cpus,
+)
 
-from agentsoc.atomic import write_atomic
-from agentsoc.types import ChatExample, FinetuneSpec, Message
-from backends.hf import EncodedSet, encode_examples, native_bf16, tokenizer_functions
-from backends.llamacpp import usable_cpus
-from backends.options import DEFAULT_TARGETS
-
-JOB_FILE = "job.json"
-SPEC_FILE = "spec.json"
-EXAMPLES_FILE = "examples.jsonl"
-RESULT_FILE = "result.json"
-LOG_FILE = "train.log"
-ERROR_FILE = "error.txt"
 TRL_PIP = "pip install 'trl==1.16.*'   (with torch, transformers>=5.20, peft, accelerate, datasets)"
-
-
-class JobError(Exception):
-    """A job that cannot run as specified: bad input, nothing to train. Exit code 2, no traceback needed."""
-
-
-# --------------------------------------------------------------------------- the job.json schema
-
-
-class JobInput(BaseModel):
-    """``job.json``: what the launcher tells the job besides the examples and the spec.
-
-    Relative paths are relative to the job directory, so a job directory can be moved or mounted
-    elsewhere (a Ray worker may see the shared filesystem under another root).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_model: Path = Field(description="transformers model folder (config, weights, tokenizer with chat template)")
-    init_adapter: Path | None = Field(default=None, description="PEFT adapter folder to continue training from")
-    output_dir: Path = Field(default=Path("out"), description="where peft/ or model/, train.log, result.json go")
-    device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="auto: cuda when available")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="bf16 autocast or float32; auto: bf16 on CUDA and on CPUs with native bf16"
-    )
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default: the usable CPUs)")
-    lora_targets: tuple[str, ...] = Field(default=DEFAULT_TARGETS, min_length=1, description="LoRA target modules")
-    gradient_checkpointing: bool | None = Field(
-        default=None, description="recompute activations to save memory; None: on for CUDA, off on CPU"
-    )
-    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps (smoke runs)")
-
-    def write(self, job_dir: Path) -> Path:
-        """Write ``job_dir/job.json`` atomically (a half-written file would be a broken job)."""
-        path = job_dir / JOB_FILE
-        write_atomic(path, self.model_dump_json(indent=2), durable=True)
-        return path
-
-    @classmethod
-    def read(cls, job_dir: Path) -> JobInput:
-        return read_model(cls, job_dir / JOB_FILE)
-
-    def resolve(self, job_dir: Path, path: Path) -> Path:
-        """An absolute path stays as it is; a relative one is taken from the job directory."""
-        return job_dir / path
-
-
-def write_inputs(job_dir: Path, job: JobInput, examples: Sequence[ChatExample], spec: FinetuneSpec) -> None:
-    """Everything a job needs, written the way the job reads it (the launcher's half of the contract).
-
-    ``job.json`` is written last: a directory with it is a complete job.
-    """
-    job_dir.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(ex.to_openai()) + "\n" for ex in examples)
-    write_atomic(job_dir / EXAMPLES_FILE, lines)
-    write_atomic(job_dir / SPEC_FILE, spec.model_dump_json(indent=2))
-    job.write(job_dir)
-
-
-def read_examples(path: Path) -> list[ChatExample]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise JobError(f"no {path.name} in {path.parent}") from None
-    out: list[ChatExample] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(ChatExample(messages=tuple(Message(**m) for m in json.loads(line)["messages"])))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise JobError(f"{path}:{number}: not a chat example: {_one_line(exc)}") from None
-    return out
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def read_model(model: type[M], path: Path) -> M:
-    """One of the job's JSON inputs, validated; a missing or malformed file is a :class:`JobError`."""
-    try:
-        return model.model_validate_json(path.read_text())
-    except FileNotFoundError:
-        raise JobError(f"no {path.name} in {path.parent}") from None
-    except ValueError as exc:
-        raise JobError(f"invalid {path}: {_one_line(exc)}") from None
 
 
 # --------------------------------------------------------------------------- examples -> token rows
@@ -209,11 +113,12 @@ def decide_placement(job: JobInput, torch: Any) -> Placement:
     if job.device == "cuda" and not cuda:
         raise JobError("device 'cuda' requested but torch sees no CUDA device")
     device: Literal["cuda", "cpu"] = "cuda" if job.device == "cuda" or (job.device == "auto" and cuda) else "cpu"
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        # Trainer would wrap the model in nn.DataParallel, which TRL refuses; one job = one GPU
+    if device == "cuda" and torch.cuda.device_count() > 1 and world_size() == 1:
+        # Trainer would wrap the model in nn.DataParallel, which TRL refuses; one process = one GPU.
+        # Several GPUs per job run one process each under `accelerate launch` (FSDP / ZeRO-3).
         raise JobError(
-            f"{torch.cuda.device_count()} GPUs are visible; a job trains on one (give it num_gpus=1, or set "
-            "CUDA_VISIBLE_DEVICES)"
+            f"{torch.cuda.device_count()} GPUs are visible to one process; a job trains on one (num_gpus = 1), "
+            "or on several with backend.options.accelerate_config = 'fsdp' or 'deepspeed'"
         )
     if job.precision != "auto":
         bf16 = job.precision == "bf16"
@@ -225,9 +130,24 @@ def decide_placement(job: JobInput, torch: Any) -> Placement:
     return Placement(device=device, bf16=bf16, gradient_checkpointing=checkpointing)
 
 
+def world_size() -> int:
+    """Processes training this job together (``accelerate launch`` sets WORLD_SIZE; 1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 writes the job's outputs; the other ranks of a sharded job only compute."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def load_tokenizer(path: Path) -> Any:
     transformers: Any = importlib.import_module("transformers")
     if not (path / "config.json").is_file():
+        if not path.exists():  # on a cluster: the driver's path is not on this node
+            raise JobError(
+                f"base_model {path} does not exist on node {socket.gethostname()}: on a Ray cluster the model "
+                "folder must be on a disk every node mounts at the same path (backend.options.model)"
+            )
         raise JobError(f"base_model {path} is not a transformers model folder (no config.json)")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     if not tokenizer.chat_template:
@@ -276,19 +196,20 @@ def lora_config(job: JobInput, spec: FinetuneSpec) -> Any:
     )
 
 
-def sft_config(job: JobInput, spec: FinetuneSpec, place: Placement, out: Path) -> Any:
+def sft_config(job: JobInput, spec: FinetuneSpec, place: Placement, out: Path, steps: Schedule) -> Any:
     """Every knob set explicitly: TRL's defaults differ from transformers' (bf16 and gradient
-    checkpointing on, lr 2e-5, logging every 10 steps) and would change under us between releases."""
+    checkpointing on, lr 2e-5, logging every 10 steps) and would change under us between releases.
+    The step count and warmup are :func:`backends.training.schedule`'s, as whole numbers."""
     trl: Any = importlib.import_module("trl")
     return trl.SFTConfig(
         output_dir=str(out / "trainer"),
         num_train_epochs=spec.epochs,
-        max_steps=job.max_steps or -1,
+        max_steps=steps.total,
         per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
         learning_rate=spec.learning_rate,
         lr_scheduler_type=spec.lr_scheduler,
-        warmup_steps=spec.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        warmup_steps=steps.warmup,
         weight_decay=spec.weight_decay,
         bf16=place.bf16,
         fp16=False,
@@ -326,14 +247,24 @@ def build_trainer(
     out = job.resolve(job_dir, job.output_dir)
     model = load_model(job, job_dir, spec, place, torch)
     fresh_lora = spec.method == "lora" and job.init_adapter is None
-    trainer = trl.SFTTrainer(
-        model=model,
-        args=sft_config(job, spec, place, out),
-        train_dataset=to_dataset(encoded),
-        processing_class=tokenizer,
-        peft_config=lora_config(job, spec) if fresh_lora else None,
-        callbacks=list(callbacks),
-    )
+    try:
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=sft_config(job, spec, place, out, schedule(len(encoded.rows), spec, job.max_steps)),
+            train_dataset=to_dataset(encoded),
+            processing_class=tokenizer,
+            peft_config=lora_config(job, spec) if fresh_lora else None,
+            callbacks=list(callbacks),
+        )
+    except Exception as exc:
+        if type(exc).__name__ != "NoMatchingPeftModuleError":
+            raise
+        # the same job fails the same way every time: bad input (exit 2, not retried), with the fix
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise JobError(
+            f"lora_targets {list(job.lora_targets)} match no module of {job.base_model}: set "
+            f"backend.options.lora_targets to some of its linear layers: {', '.join(linear[:12])}"
+        ) from None
     # the default PrinterCallback prints every log dict to stdout; train.log is the progress channel
     trainer.remove_callback(importlib.import_module("transformers").PrinterCallback)
     check_labels(trainer.train_dataset, encoded)
@@ -343,15 +274,15 @@ def build_trainer(
 # --------------------------------------------------------------------------- progress and token counts
 
 
-def progress_callback(log_path: Path, started: float, losses: list[float]) -> Any:
-    """A TrainerCallback writing one JSON line per logging step (a poller tails ``train.log``).
+def progress_callback(log: ProgressLog, losses: list[float]) -> Any:
+    """A TrainerCallback writing one line per logging step to the job's ``train.log``.
 
     Built in a function so that importing this module needs no transformers (the launcher only
     wants :class:`JobInput`).
     """
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-    class ProgressLog(TrainerCallback):
+    class LogSteps(TrainerCallback):
         def on_log(
             self,
             args: TrainingArguments,
@@ -360,20 +291,12 @@ def progress_callback(log_path: Path, started: float, losses: list[float]) -> An
             logs: dict[str, float] | None = None,
             **kwargs: Any,
         ) -> None:
-            if not logs or "loss" not in logs:
-                return  # the end-of-training summary carries train_loss, not a step loss
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
+                return  # the end-of-training summary carries train_loss, not a step loss; rank 0 logs
             losses.append(float(logs["loss"]))
-            line = {
-                "step": state.global_step,
-                "total": state.max_steps,
-                "loss": round(float(logs["loss"]), 5),
-                "lr": logs.get("learning_rate"),
-                "elapsed_s": round(time.perf_counter() - started, 2),
-            }
-            with log_path.open("a") as f:
-                f.write(json.dumps(line) + "\n")
+            log.step(state.global_step, state.max_steps, losses[-1], logs.get("learning_rate"))
 
-    return ProgressLog()
+    return LogSteps()
 
 
 class TrainedTokens:
@@ -403,7 +326,16 @@ def save_outputs(trainer: Any, tokenizer: Any, spec: FinetuneSpec, place: Placem
     tmp = out / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model = trainer.model
-    if spec.method == "lora":
+    if world_size() > 1:
+        # sharded (FSDP / ZeRO-3): every rank takes part in gathering the full weights, rank 0 writes
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        if not is_main_process():
+            return final
+        if spec.method == "full":
+            tokenizer.save_pretrained(str(tmp))
+    elif spec.method == "lora":
         model.save_pretrained(str(tmp))
     else:
         import torch
@@ -419,26 +351,16 @@ def save_outputs(trainer: Any, tokenizer: Any, spec: FinetuneSpec, place: Placem
     return final
 
 
-def clear_stale(out: Path) -> None:
-    """A crashed earlier attempt left partial outputs: training restarts from scratch, so drop them."""
-    for name in ("peft", "model", ".peft.tmp", ".model.tmp", "trainer"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / LOG_FILE).unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- the job
 
 
-def run_job(job_dir: Path) -> dict[str, Any]:
-    """Train one job described by ``job_dir``; returns what it wrote to result.json."""
+def train_job(job_dir: Path) -> JobResult:
+    """Train the job in ``job_dir`` and write its result (:func:`backends.job_folder.run_job` calls
+    this only while the job has no result yet)."""
     started = time.perf_counter()
-    job = JobInput.read(job_dir)
-    out = job.resolve(job_dir, job.output_dir)
-    if (out / RESULT_FILE).is_file():
-        print(f"agentsoc-trl: {job_dir}: already done ({out / RESULT_FILE} exists)", file=sys.stderr)
-        return dict(json.loads((out / RESULT_FILE).read_text()))
-    spec = read_model(FinetuneSpec, job_dir / SPEC_FILE)
-    examples = read_examples(job_dir / EXAMPLES_FILE)
+    job, spec, examples = read_inputs(job_dir)
+    if job.serve_gguf is not None:
+        raise JobError("serve_gguf is the CPU trainer's (python -m backends.hf); this job writes PEFT adapters")
     check_binary_weights(examples)
     check_init_adapter(job, job_dir, spec)
     torch = _import_stack()
@@ -448,32 +370,26 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     importlib.import_module("transformers").set_seed(spec.seed)
     tokenizer = load_tokenizer(job.resolve(job_dir, job.base_model))
     encoded = encode_examples(examples, *tokenizer_functions(tokenizer), spec.max_seq_len)
-    if not encoded.rows:
-        raise JobError(
-            f"no trainable example among {len(examples)}: {encoded.dropped_no_target} have no assistant message "
-            f"with weight > 0, {encoded.dropped_too_long} have all trained tokens beyond max_seq_len "
-            f"{spec.max_seq_len}"
-        )
-    clear_stale(out)
-    run = train(job, job_dir, spec, encoded, tokenizer, place, started)
-    result = {
-        "method": spec.method,
-        "output": str(run.output),
+    problem = encoded.nothing_to_train(len(examples), spec.max_seq_len)
+    if problem:
+        raise JobError(problem)
+    out = start_output(job_dir, job) if is_main_process() else job.out(job_dir)  # rank 0 clears it
+    run = train(job, job_dir, spec, encoded, tokenizer, place, started, out)
+    result = JobResult(
+        method=spec.method,
+        output=str(run.output),
         **run.numbers(),
-        "job_seconds": round(time.perf_counter() - started, 3),
-        "examples": len(examples),
-        "examples_trained": len(encoded.rows),
-        "truncated": encoded.truncated,
-        "dropped_too_long": encoded.dropped_too_long,
-        "dropped_no_target": encoded.dropped_no_target,
-        "max_seq_len": spec.max_seq_len,
-        "continued_from": str(job.resolve(job_dir, job.init_adapter)) if job.init_adapter else None,
-        "device": place.device,
-        "bf16": place.bf16,
-        "versions": _versions(),
-        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if place.device == "cuda" else None,
-    }
-    write_atomic(out / RESULT_FILE, json.dumps(result, indent=2), durable=True)  # LAST: its presence means "done"
+        job_seconds=round(time.perf_counter() - started, 3),
+        **encoded.counts(len(examples)),
+        max_seq_len=spec.max_seq_len,
+        continued_from=str(job.resolve(job_dir, job.init_adapter)) if job.init_adapter else None,
+        device=place.device,
+        bf16=place.bf16,
+        versions=_versions(),
+        peak_gpu_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3) if place.device == "cuda" else None,
+    )
+    if is_main_process():
+        write_result(job_dir, job, result)  # LAST: its presence means "done"
     return result
 
 
@@ -509,13 +425,11 @@ def train(
     tokenizer: Any,
     place: Placement,
     started: float,
+    out: Path,
 ) -> TrainRun:
     """Load, train with a progress log and a trained-token counter, save the adapter or model."""
-    out = job.resolve(job_dir, job.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LOG_FILE).write_text("")
     losses: list[float] = []
-    callback = progress_callback(out / LOG_FILE, started, losses)
+    callback = progress_callback(ProgressLog(out, started), losses)
     trainer = build_trainer(job, job_dir, spec, encoded, tokenizer, place, [callback])
     load_seconds = time.perf_counter() - started
     counter = TrainedTokens()
@@ -565,54 +479,9 @@ def _versions() -> dict[str, str]:
     return {name: version(name) for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets")}
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA OOM surfaces as ``torch.OutOfMemoryError`` or, from some kernels, a RuntimeError saying so."""
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def failure_line(job_dir: Path, exc: BaseException) -> tuple[int, str]:
-    """The exit code and the one stderr line for a failed job."""
-    if isinstance(exc, JobError):
-        return 2, f"agentsoc-trl: job {job_dir}: {exc}"
-    if is_out_of_memory(exc):
-        return 3, (
-            f"agentsoc-trl: job {job_dir}: out of memory ({_one_line(exc)[:200]}). "
-            "Retry with a smaller batch_size (raise gradient_accumulation_steps to keep the effective batch), "
-            "a smaller lora_r or max_seq_len, or gradient_checkpointing=true"
-        )
-    return 1, f"agentsoc-trl: job {job_dir}: {type(exc).__name__}: {_one_line(exc)[:500]}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backends.trl_train", description=__doc__.split("\n")[0])
-    parser.add_argument("job_dir", type=Path, help="folder with job.json, spec.json, examples.jsonl")
-    job_dir = parser.parse_args(argv).job_dir.resolve()
-    # no model hub at run time: every path in job.json is local
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run_job(job_dir)
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            raise
-        code, line = failure_line(job_dir, exc)
-        if code != 2:
-            _write_traceback(job_dir)
-        print(line, file=sys.stderr)
-        return code
-    return 0
-
-
-def _write_traceback(job_dir: Path) -> None:
-    with contextlib.suppress(OSError):
-        (job_dir / ERROR_FILE).write_text(traceback.format_exc())
+    return job_main("agentsoc-trl", train_job, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

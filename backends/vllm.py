@@ -6,7 +6,10 @@
   one error classification) and the run's one retry layer; nothing here retries a chat.
 - **Training**: one job per agent and role, ``python -m backends.trl_train JOB_DIR`` (TRL's
   ``SFTTrainer``, one process per job so a GPU's memory is free between jobs), placed by Ray
-  (:mod:`backends.ray_jobs`): a local instance started for the run, or a cluster.
+  (:mod:`backends.ray_jobs`): a local instance started for the run, or a cluster. The job runs
+  the node's ``python`` (or ``job_python``) with our two packages shipped as Ray ``py_modules``;
+  with ``accelerate_config`` and ``num_gpus`` > 1 it runs under ``accelerate launch`` (FSDP or
+  ZeRO-3), one process per GPU.
 
 Model references (:mod:`backends.refs`): the base is the server's model name; a finetuned model is
 ``<base>+adapter:<PEFT folder>``, so the reference alone says where the adapter lives. That is
@@ -17,7 +20,12 @@ Adapters of finished iterations are unloaded when the society releases them.
 Full finetuning (``method = "full"``, the paper's open-model setting) gives ``<base>+model:<folder>``:
 vLLM serves one model per server, so with ``serve = true`` each such model gets a server of its
 own, started on its first call and stopped when the society releases it (size them with
-``gpu_memory_utilization``: 2N + 1 servers share the GPU).
+``gpu_memory_utilization``: 2N + 1 servers take the servers' devices one each in turn;
+:mod:`agentsoc.memory_plan` checks the sizes in ``--dry-run``). ``server_num_gpus`` reserves the
+servers' GPUs in Ray (:meth:`backends.ray_jobs.RayJobs.hold_gpus`) so no job is placed on them.
+
+Start-up (:func:`preflight`, from :func:`create`): the base model folder, Ray and an attached
+server are checked in seconds, before any debate is paid for.
 
 Exactly once: a job's folder (``adapters_dir/<safe key>``) holds its inputs and, when training
 finished, ``out/result.json``; a resumed run reads that marker first, then asks Ray about the
@@ -33,15 +41,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
+import importlib.util
+import logging
 import re
 import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx2
+import openai
 
 from agentsoc.backend import (
     Capabilities,
@@ -61,23 +70,44 @@ from agentsoc.types import (
     Sampling,
     TokenLogprobs,
 )
-from backends.local_jobs import safe_key
-from backends.openai import OpenAIBackend
+from backends.job_folder import RESULT_FILE, JobInput, key_slug, read_progress, read_result, write_inputs
+from backends.openai import OpenAIBackend, api_message
 from backends.openai import create as create_openai
-from backends.options import OpenAIOptions, VllmOptions
+from backends.options import OpenAIOptions, SocietyShape, VllmOptions
 from backends.ray_jobs import JobLostError, RayJobs
 from backends.refs import adapter_ref, model_ref, parse_ref
-from backends.trl_train import LOG_FILE, RESULT_FILE, JobInput, write_inputs
-from backends.vllm_server import VllmServer, tail
+from backends.vllm_server import VllmServer
+
+log = logging.getLogger(__name__)
 
 #: job outputs live in ``<job dir>/out`` (``JobInput.output_dir``)
 OUT = "out"
+#: the packages a training job imports, shipped with every job (Ray's runtime_env ``py_modules``)
+CODE = (Path(__file__).resolve().parents[1] / "agentsoc", Path(__file__).resolve().parent)
+#: what to do about a job that exits 2 (bad input) or 3 (out of memory): it is not retried
+PERMANENT_FIX = (
+    "not retried: the same job fails the same way. Bad input (exit 2): fix what the line above names. "
+    "Out of memory (exit 3): lower finetune.spec.batch_size (raise gradient_accumulation_steps to keep the "
+    "effective batch), max_seq_len or lora_r, give each job more GPUs (num_gpus with accelerate_config), "
+    "or check the plan with agentsoc run --dry-run"
+)
 
 
 def adapter_name(path: str) -> str:
-    """The name an adapter is served under: readable, unique per path, stable across processes."""
+    """The name an adapter is served under: readable, unique per path, stable across processes.
+
+    A job's adapter lives in ``<adapters_dir>/<safe job key>/out/peft``; its name is the key's
+    tail — ``iter-1_agent-0_generator-<hash>`` — so the server's logs and ``/v1/models`` say
+    which agent, role and iteration it is.
+    """
     folder = Path(path)
-    label = (folder.parent.name if folder.name in ("peft", "adapter") else folder.name) or "adapter"
+    if folder.name in ("peft", "adapter"):
+        folder = folder.parent
+    if folder.name == OUT:
+        folder = folder.parent
+    label = folder.name or "adapter"
+    tail = re.search(r"iter-\d+_agent-\d+_[A-Za-z]+(?:_attempt-\d+)?", label)
+    label = tail[0] if tail else label
     return f"{label[:60]}-{hashlib.sha256(path.encode()).hexdigest()[:10]}"
 
 
@@ -87,12 +117,20 @@ class VllmBackend:
     name = "vllm"
     capabilities = Capabilities(finetune=True, adapters=True)
 
-    def __init__(self, options: VllmOptions, run_dir: Path, *, base_model: Path | None = None) -> None:
+    def __init__(
+        self,
+        options: VllmOptions,
+        run_dir: Path,
+        *,
+        base_model: Path | None = None,
+        society: SocietyShape | None = None,
+    ) -> None:
         self.options = options
         self.run_dir = run_dir
         self.base_model = base_model
         self.served_name = options.served_model_name or _default_name(options.model)
-        self.max_loras = options.max_loras or 6
+        #: every agent and role at once; 6 (3 agents x 2 roles) when the society's shape is not known
+        self.max_loras = options.max_loras or (society.adapters if society is not None else 6)
         self.server: VllmServer | None = None
         if options.serve:
             if base_model is None:
@@ -108,7 +146,6 @@ class VllmBackend:
         self.chat: OpenAIBackend = create_openai(
             OpenAIOptions(base_url=base_url, api_key_env=options.api_key_env, timeout_s=options.timeout_s), run_dir
         )
-        self._http = httpx2.AsyncClient(timeout=options.timeout_s)
         self._started: asyncio.Task[None] | None = None
         self._loaded: dict[str, str] = {}  # adapter name -> path, as loaded on the server
         self._loading: dict[str, asyncio.Lock] = {}
@@ -117,6 +154,9 @@ class VllmBackend:
         head_env = {"CUDA_VISIBLE_DEVICES": options.train_devices} if options.train_devices is not None else None
         self.jobs = RayJobs(run_dir, address=options.ray_address, head_env=head_env)
         self._submitted: set[str] = set()
+        #: the Ray job holding the servers' GPUs (server_num_gpus), and the devices it holds
+        self._hold: tuple[str, str] | None = None
+        self._servers_started = 0  #: servers go round-robin over the servers' devices
         #: fully finetuned models: folder -> (its server, the chat client talking to it)
         self._full: dict[str, tuple[VllmServer, OpenAIBackend]] = {}
         self._full_lock = asyncio.Lock()
@@ -155,7 +195,7 @@ class VllmBackend:
                     )
                 log = self.run_dir / "vllm-servers" / f"{Path(folder).parent.name or 'model'}.log"
                 server = self._server(Path(folder), log, lora=False)
-                await server.start()
+                await self._start(server)
                 chat = create_openai(
                     OpenAIOptions(
                         base_url=server.base_url, api_key_env=self.options.api_key_env, timeout_s=self.options.timeout_s
@@ -170,14 +210,53 @@ class VllmBackend:
         if self.server is None:
             return
         if self._started is None or (self._started.done() and self._started.exception() is not None):
-            self._started = asyncio.ensure_future(self.server.start())
+            self._started = asyncio.ensure_future(self._start(self.server))
         await asyncio.shield(self._started)
 
-    async def _post(self, route: str, body: dict[str, Any]) -> httpx2.Response:
+    async def _start(self, server: VllmServer) -> None:
+        """Start a server on the servers' GPUs: those Ray holds for them (server_num_gpus; Ray then
+        never places a training job on them, on one box or on a cluster), else server_env's.
+
+        A vLLM server without tensor parallelism computes on the first device it sees, so the
+        2N + 1 servers of full finetuning each get one device of the list in turn — the memory
+        plan (``agentsoc run --dry-run``) counts them so.
+        """
+        devices = server.env.get("CUDA_VISIBLE_DEVICES")
+        if self.options.server_num_gpus:
+            if self._hold is None:
+                self._hold = await asyncio.to_thread(
+                    self.jobs.hold_gpus,
+                    "vllm-server",
+                    self.options.server_num_gpus,
+                    timeout_s=self.options.startup_timeout_s,
+                )
+            devices = self._hold[1]
+        if devices is not None:
+            listed = [d for d in devices.split(",") if d.strip()]
+            parallel = any(a.startswith(("--tensor-parallel-size", "-tp")) for a in self.options.server_args)
+            if listed and not parallel:
+                devices = listed[self._servers_started % len(listed)]
+            server.env["CUDA_VISIBLE_DEVICES"] = devices
+        self._servers_started += 1
+        await server.start()
+
+    async def _post(self, route: str, body: dict[str, Any]) -> tuple[int, str]:
+        """An adapter call through the chat calls' own client: the same connection pool, headers, key
+        and timeouts, and the same error mapping (a dropped connection or a 5xx is transient, with the
+        URL). Only the statuses the adapter routes give meaning to come back as ``(status, message)``:
+        200, 400 ("already loaded") and 404 (unreadable path, or an adapter a restarted server forgot)."""
         try:
-            return await self._http.post(f"{self.root_url}/v1/{route}", json=body)
-        except httpx2.TransportError as e:
-            raise TransientBackendError(f"vllm backend: {route} at {self.root_url} failed: {e}") from None
+            text = await self.chat.client.post(f"/{route}", cast_to=str, body=body)
+        except openai.APIStatusError as e:
+            text = api_message(e)
+            # 400/404 have a meaning here; a 500 "Worker failed" is an adapter the server cannot use, not
+            # a passing fault
+            if e.status_code in (400, 404) or (e.status_code >= 500 and "Worker failed" in text):
+                return e.status_code, text
+            raise self.chat.map_error(e, route, str(body.get("lora_name", ""))) from None
+        except Exception as e:
+            raise self.chat.map_error(e, route, str(body.get("lora_name", ""))) from None
+        return 200, str(text)
 
     async def _load(self, name: str, path: str) -> None:
         """Load an adapter once; concurrent calls for the same adapter wait for one load."""
@@ -185,42 +264,34 @@ class VllmBackend:
         async with lock:
             if self._loaded.get(name) == path:
                 return
-            response = await self._post("load_lora_adapter", {"lora_name": name, "lora_path": path})
-            text = _message(response)
-            if response.status_code == 200 or (response.status_code == 400 and "already been loaded" in text):
+            status, text = await self._post("load_lora_adapter", {"lora_name": name, "lora_path": path})
+            if status == 200 or (status == 400 and "already been loaded" in text):
                 self._loaded[name] = path
                 self._warn_max_loras()
                 return
-            if response.status_code == 404:
+            if status == 404:
                 raise FatalBackendError(
                     f"vllm backend: the server at {self.root_url} cannot read adapter {path} ({text}); the server "
                     "must see adapters_dir at the same path (on a cluster: a shared disk)"
                 )
-            if response.status_code == 429 or (response.status_code >= 500 and "Worker failed" not in text):
-                raise TransientBackendError(
-                    f"vllm backend: loading adapter {path}: HTTP {response.status_code}: {text}"
-                )
-            raise FatalBackendError(
-                f"vllm backend: the server refused adapter {path}: HTTP {response.status_code}: {text}"
-            )
+            raise FatalBackendError(f"vllm backend: the server refused adapter {path}: HTTP {status}: {text}")
 
     def _warn_max_loras(self) -> None:
         if len(self._loaded) > self.max_loras and not self._warned_loras:
             self._warned_loras = True
-            print(
-                f"agentsoc: vllm: {len(self._loaded)} adapters in use but the server batches at most "
-                f"{self.max_loras} per step (--max-loras): calls of different agents take turns, which costs "
-                "throughput; set backend.options.max_loras to at least 2 x agents",
-                file=sys.stderr,
+            log.warning(
+                "vllm: %d adapters in use but the server batches at most %d per step (--max-loras): calls of "
+                "different agents take turns, which costs throughput; set backend.options.max_loras to at least "
+                "2 x agents",
+                len(self._loaded),
+                self.max_loras,
             )
 
     async def _unload(self, name: str) -> None:
         self._loaded.pop(name, None)
-        response = await self._post("unload_lora_adapter", {"lora_name": name})
-        if response.status_code not in (200, 404):  # 404: already gone (a restarted server)
-            raise FatalBackendError(
-                f"vllm backend: unloading {name}: HTTP {response.status_code}: {_message(response)}"
-            )
+        status, text = await self._post("unload_lora_adapter", {"lora_name": name})
+        if status == 400:  # 404 is fine: already gone (a restarted server)
+            raise FatalBackendError(f"vllm backend: unloading {name}: HTTP {status}: {text}")
 
     # -- Backend ---------------------------------------------------------------------------------
     async def complete(self, model: ModelRef, messages: Sequence[Message], sampling: Sampling) -> Completion:
@@ -257,7 +328,7 @@ class VllmBackend:
                 await server.stop()
 
     def job_dir(self, key: str) -> Path:
-        return self.adapters_dir / safe_key(key)
+        return self.adapters_dir / key_slug(key)
 
     async def submit_finetune(
         self, base: ModelRef, examples: Sequence[ChatExample], spec: FinetuneSpec, *, key: str
@@ -296,8 +367,11 @@ class VllmBackend:
         )
 
     async def _submit(self, key: str, job_dir: Path) -> str:
-        python = self.options.job_python or sys.executable
-        entrypoint = f"{shlex.quote(python)} -m backends.trl_train {shlex.quote(str(job_dir))}"
+        # the node's interpreter (on a local instance: this environment's, first on its PATH); our
+        # code travels with the job as py_modules, so a worker needs only the training stack
+        python = self.options.job_python or "python"
+        command = [python, *launcher(self.options), "-m", "backends.trl_train", str(job_dir)]
+        entrypoint = shlex.join(command)
         try:
             ray_job = await asyncio.to_thread(
                 self.jobs.submit,
@@ -306,6 +380,7 @@ class VllmBackend:
                 num_gpus=self.options.num_gpus,
                 num_cpus=self.options.num_cpus,
                 env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                py_modules=CODE,
             )
         except JobLostError as e:
             raise FatalBackendError(f"job {key}: {e}") from None
@@ -314,25 +389,20 @@ class VllmBackend:
 
     def _finished(self, key: str, base: ModelRef) -> Job | None:
         """The succeeded job whose result marker is on disk: adopted, never trained again."""
-        result_file = self.job_dir(key) / OUT / RESULT_FILE
-        if not result_file.is_file():
+        result = read_result(self.job_dir(key))
+        if result is None:
             return None
-        result = json.loads(result_file.read_text())
         name, _, _ = parse_ref(base)
-        made = model_ref if result.get("method") == "full" else adapter_ref
+        made = model_ref if result.method == "full" else adapter_ref
         return Job(
             key=key,
             backend=self.name,
             id=f"done:{self.job_dir(key).name}",
             base=base,
             state=JobState.SUCCEEDED,
-            result=made(name, result["output"]),
-            progress=1.0,
-            trained_tokens=result.get("trained_tokens"),
-            examples=result.get("examples"),
-            truncated=result.get("truncated"),
-            dropped=(result.get("dropped_too_long") or 0) + (result.get("dropped_no_target") or 0),
-            events=(f"trained {result.get('steps')} steps in {result.get('seconds')} s",),
+            result=made(name, result.output),
+            events=(f"trained {result.steps} steps in {result.seconds} s",),
+            **result.job_fields(),
         )
 
     async def poll_finetune(self, job: Job) -> Job:
@@ -340,69 +410,94 @@ class VllmBackend:
         if done is not None:
             return done
         state, message = await asyncio.to_thread(self.jobs.status, job.key)
-        log = self.job_dir(job.key) / OUT / LOG_FILE
-        progress, events = _progress(log)
+        progress, events = read_progress(self.job_dir(job.key))
+        if state is JobState.QUEUED:  # waiting for a GPU is not a failure: say what it waits for
+            events = (*events, message)
         if state is JobState.SUCCEEDED:  # Ray says done but no marker: the job did not finish its work
             state, message = JobState.FAILED, f"the job exited without {RESULT_FILE}: {message}"
         # backends.trl_train exits 2 for bad input and 3 for out of memory: the same job would fail again
         code = re.search(r"exit code (\d+)", message)
+        permanent = bool(code and code[1] in ("2", "3"))
+        if permanent:
+            message = f"{message}\n{PERMANENT_FIX}"
         return job.model_copy(
             update={
                 "state": state,
                 "progress": progress,
                 "events": events,
                 "error": message if state is JobState.FAILED else None,
-                "retryable": not (code and code[1] in ("2", "3")),
+                "retryable": not permanent,
             }
         )
 
     async def aclose(self) -> None:
         await self.chat.aclose()
-        await self._http.aclose()
         for server, chat in self._full.values():
             await chat.aclose()
             await server.stop()
         self._full.clear()
         if self.server is not None:
             await self.server.stop()
+        if self._hold is not None:
+            await asyncio.to_thread(self.jobs.release, self._hold[0])
+            self._hold = None
         if self.jobs.local:
-            running = [k for k in self._submitted if not (self.job_dir(k) / OUT / RESULT_FILE).is_file()]
+            running = [k for k in self._submitted if await self._still_running(k)]
             if running:
-                print(
-                    f"agentsoc: vllm: {len(running)} training job(s) still run on the local Ray instance; "
-                    "it stays up so that --resume adopts them",
-                    file=sys.stderr,
+                log.info(
+                    "vllm: %d training job(s) still run on the local Ray instance; it stays up so that --resume "
+                    "adopts them",
+                    len(running),
                 )
             else:
                 await asyncio.to_thread(self.jobs.stop_local)
 
+    async def _still_running(self, key: str) -> bool:
+        """Whether a submitted job may still train: no result yet and Ray does not call it ended
+        (a failed job does not keep the local instance up)."""
+        if read_result(self.job_dir(key)) is not None:
+            return False
+        try:
+            state, _ = await asyncio.to_thread(self.jobs.status, key)
+        except (TransientBackendError, FatalBackendError):
+            return True  # unknown: keep the instance (its watchdog stops it once idle)
+        return not state.terminal
 
-def _message(response: httpx2.Response) -> str:
-    with contextlib.suppress(ValueError):
-        body = response.json()
-        if isinstance(body, dict):
-            err = body.get("error", body)
-            if isinstance(err, dict) and err.get("message"):
-                return str(err["message"])
-    return response.text.strip()[:500]
+
+#: ``accelerate launch`` flags of each accelerate_config: full sharding of weights, gradients and
+#: optimizer states over the job's GPUs in bf16 — what makes full finetuning of a 7-8B model fit
+#: (16 bytes per parameter, ~125 GB, over 2+ GPUs of 80 GB). Flags, not a config file, so nothing
+#: but our code has to reach the worker. Not run here (no GPUs): bench/gpu_check.sh is one GPU.
+ACCELERATE: dict[str, tuple[str, ...]] = {
+    "fsdp": (
+        "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true",
+        "--fsdp_reshard_after_forward", "true", "--mixed_precision", "bf16",
+    ),
+    "deepspeed": (
+        "--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true", "--zero3_save_16bit_model", "true",
+        "--mixed_precision", "bf16",
+    ),
+}  # fmt: skip
 
 
-def _progress(log: Path) -> tuple[float | None, tuple[str, ...]]:
-    """Progress (0..1) and the last step lines from a job's ``train.log``."""
-    lines = [line for line in tail(log, 20).splitlines() if line.strip()]
-    progress = None
-    with contextlib.suppress(ValueError, KeyError, IndexError, ZeroDivisionError):
-        last = json.loads(lines[-1])
-        progress = float(last["step"]) / float(last["total"])
-    return progress, tuple(lines[-5:])
+def launcher(options: VllmOptions) -> list[str]:
+    """What runs between the interpreter and ``-m backends.trl_train``: nothing for a one-GPU job;
+    ``-m accelerate.commands.launch`` with one process per GPU for a sharded one."""
+    gpus = int(options.num_gpus)
+    if options.accelerate_config is None or gpus <= 1:
+        return []
+    flags = ACCELERATE[options.accelerate_config]
+    return ["-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--num_machines", "1", *flags]
 
 
 def _default_name(model: str) -> str:
     return Path(model).name if "/" in model or Path(model).exists() else model
 
 
-def create(options: VllmOptions, run_dir: Path) -> VllmBackend:
-    """The backend from its recipe options (:class:`backends.options.VllmOptions`).
+def create(options: VllmOptions, run_dir: Path, *, society: SocietyShape | None = None) -> VllmBackend:
+    """The backend from its recipe options (:class:`backends.options.VllmOptions`), checked before
+    any paid work (:func:`preflight`).
 
     ``model`` is a transformers folder, or the bundled model's name: then its transformers copy
     (dequantised once from the bundled GGUF into the cache) is both served and trained.
@@ -421,4 +516,52 @@ def create(options: VllmOptions, run_dir: Path) -> VllmBackend:
             f"vllm backend: model {options.model!r} is neither a transformers folder nor a bundled model "
             f"({', '.join(bundled.BUNDLED)})"
         )
-    return VllmBackend(options, run_dir, base_model=base_model)
+    preflight(options, run_dir, base_model)
+    return VllmBackend(options, run_dir, base_model=base_model, society=society)
+
+
+def preflight(o: VllmOptions, run_dir: Path, base_model: Path | None) -> None:
+    """Every endpoint and path the run will need, checked in seconds at start-up — not after the
+    debates: the trainer's base model, Ray (a cluster answers; a local instance can be started),
+    an attached server (it answers and serves the model)."""
+    where = "backend.options"
+    if base_model is None:
+        raise FatalBackendError(
+            f"vllm backend: {where}.model = {o.model!r} is not a folder here, and the training jobs load the base "
+            "model from a transformers folder: set model to one (on a cluster: a path on a disk every node shares)"
+        )
+    if not (base_model / "config.json").is_file():
+        raise FatalBackendError(
+            f"vllm backend: {where}.model: {base_model} has no config.json; the training jobs need a "
+            "transformers model folder"
+        )
+    if o.ray_address:
+        RayJobs(run_dir, address=o.ray_address).connect()  # one line naming ray_address if it does not answer
+    elif importlib.util.find_spec("ray") is None:
+        raise FatalBackendError(
+            "vllm backend: training jobs run on Ray, which is not installed: pip install -e '.[scale]' (in the agentsoc checkout)"
+        )
+    if not o.serve and o.base_url:
+        root = o.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            response = httpx2.get(f"{root}/v1/models", timeout=10.0)
+        except httpx2.TransportError as e:
+            raise FatalBackendError(
+                f"vllm backend: no server answers at {where}.base_url = {o.base_url} ({e}); start it, or set "
+                "serve = true"
+            ) from None
+        served = [m.get("id") for m in (_json(response).get("data") or []) if isinstance(m, dict)]
+        name = o.served_model_name or _default_name(o.model)
+        if response.status_code == 200 and served and name not in served:
+            raise FatalBackendError(
+                f"vllm backend: the server at {o.base_url} serves {', '.join(map(str, served))}, not "
+                f"{name!r}: set served_model_name (or model) to the name it serves"
+            )
+
+
+def _json(response: httpx2.Response) -> dict[str, Any]:
+    with contextlib.suppress(ValueError):
+        body = response.json()
+        if isinstance(body, dict):
+            return body
+    return {}

@@ -7,6 +7,7 @@ The last test kills the instance's head and so starts a second one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -26,12 +27,22 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.job_submission")
 
 from agentsoc.backend import FatalBackendError, TransientBackendError
+from agentsoc.lock import RunLock
 from agentsoc.types import JobState
-from backends.ray_jobs import JobLostError, LocalInstance, RayJobs, _instance_pids, submission_id
+from backends.ray_jobs import (
+    JobLostError,
+    LocalInstance,
+    RayJobs,
+    _instance_pids,
+    _kill_instance,
+    run_id,
+    submission_id,
+)
 
 pytestmark = pytest.mark.ray
 
 PY = shlex.quote(sys.executable)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def job(out: Path, *, sleep: float = 2.0, tag: str = "run", fail: bool = False) -> str:
@@ -62,7 +73,10 @@ def lines(path: Path) -> list[str]:
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The run directory of the module's local Ray instance; the instance is stopped at the end."""
     d = tmp_path_factory.mktemp("ray-run")
-    jobs = RayJobs(d, num_cpus=4, num_gpus=0)
+    # if this session dies before the finally below (a CI timeout's SIGKILL), the instance's own
+    # watchdog stops it a minute after: its starter is gone and no job runs
+    jobs = RayJobs(d, num_cpus=4, num_gpus=0, idle_timeout_s=60)
+    atexit.register(RayJobs(d).stop_local)  # an interrupted session (Ctrl-C, a crash in teardown)
     try:
         jobs.connect()
         yield d
@@ -79,15 +93,32 @@ def jobs(state_dir: Path) -> RayJobs:
     return RayJobs(state_dir)
 
 
-def test_submission_ids_are_deterministic_url_safe_and_per_attempt() -> None:
-    key = "run 1/iter-0/agent-2/critic"
-    assert submission_id(key) == submission_id(key, 1)
-    assert submission_id(key, 1) != submission_id(key, 2)
-    assert submission_id(key, 2).endswith("-a2")
-    assert all(c.isalnum() or c in "._-" for c in submission_id(key))
-    assert submission_id("a/b") != submission_id("a_b")  # same slug, told apart by the hash
+def test_submission_ids_are_deterministic_url_safe_per_attempt_and_per_run() -> None:
+    key, run = "run 1/iter-0/agent-2/critic", "0123456789abcdef0123456789abcdef"
+    assert submission_id(run, key) == submission_id(run, key, 1)
+    assert submission_id(run, key, 1) != submission_id(run, key, 2)
+    assert submission_id(run, key, 2).endswith("-a2")
+    assert submission_id(run, key, 2, requeue=3).endswith("-a2-q3")
+    assert all(c.isalnum() or c in "._-" for c in submission_id(run, key))
+    assert submission_id(run, "a/b") != submission_id(run, "a_b")  # same slug, told apart by the hash
+    other = "f" * 32  # another run directory with the same recipe: the same key, another job
+    assert submission_id(other, key) != submission_id(run, key)
     with pytest.raises(ValueError):
-        submission_id(key, 0)
+        submission_id(run, key, 0)
+
+
+def test_the_run_id_is_made_once_and_read_back(tmp_path: Path) -> None:
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(run_id(tmp_path / "run"))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results[0]) == 32  # racing first uses agree on one id
+    assert RayJobs(tmp_path / "run").run == results[0] and RayJobs(tmp_path / "other").run != results[0]
+    (tmp_path / "run" / "ray-run-id").write_text("garbage")
+    with pytest.raises(FatalBackendError, match="holds no run id"):
+        run_id(tmp_path / "run")
 
 
 def test_local_instance_is_recorded_and_reconnected(state_dir: Path) -> None:
@@ -164,7 +195,7 @@ def test_crash_right_after_submit_then_a_new_client_adopts_the_job(state_dir: Pa
         [sys.executable, "-c", CRASHING_SUBMITTER, str(state_dir), job(out, sleep=10)],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
     )
     try:
         assert proc.stdout is not None
@@ -225,3 +256,33 @@ def test_jobs_of_a_dead_instance_are_reported_lost_never_rerun(state_dir: Path, 
     assert wait_for(jobs, "run/doomed", attempt=2)[0] is JobState.SUCCEEDED
     assert jobs.status("run/doomed")[0] is JobState.FAILED
     assert lines(out) == ["start a1", "start a2", "end a2"]
+
+
+IDLE_STARTER = """
+import sys
+from backends.ray_jobs import RayJobs
+RayJobs(sys.argv[1], num_cpus=1, num_gpus=0, idle_timeout_s=1).connect()
+"""
+
+
+@pytest.mark.slow
+def test_an_idle_instance_stops_itself_once_no_agentsoc_process_holds_the_run(tmp_path: Path) -> None:
+    """The starter exits at once (as a crashed or finished run would); while the run directory's
+    lock is held (a resumed run) the instance stays, and once it is released it stops itself."""
+    run_dir = tmp_path / "run"
+    lock = RunLock(run_dir)
+    lock.acquire()
+    subprocess.run([sys.executable, "-c", IDLE_STARTER, str(run_dir)], check=True, cwd=ROOT, timeout=300)
+    instance = LocalInstance(**json.loads((run_dir / "ray-instance.json").read_text()))
+    try:
+        time.sleep(12)  # two watch intervals past the idle timeout: held, so it stays
+        assert (run_dir / "ray-instance.json").exists() and _instance_pids(instance)
+        lock.release()
+        deadline = time.monotonic() + 120
+        while (run_dir / "ray-instance.json").exists() or _instance_pids(instance):
+            assert time.monotonic() < deadline, (run_dir / "ray-watch.log").read_text()
+            time.sleep(1)
+        assert "stopped the instance after 1 s" in (run_dir / "ray-watch.log").read_text()
+    finally:
+        lock.release()
+        _kill_instance(instance, grace_s=0)

@@ -20,15 +20,9 @@ from typing import Any
 import pytest
 
 from agentsoc.types import ChatExample, FinetuneSpec, Message
-from backends.trl_train import (
-    RESULT_FILE,
-    EncodedSet,
-    JobError,
-    JobInput,
-    check_binary_weights,
-    failure_line,
-    write_inputs,
-)
+from backends.job_folder import RESULT_FILE, JobError, JobInput, write_inputs
+from backends.training import EncodedSet, schedule
+from backends.trl_train import check_binary_weights
 
 pytest.importorskip("trl")
 torch = pytest.importorskip("torch")
@@ -96,7 +90,8 @@ def read_result(job_dir: Path) -> dict[str, Any]:
 
 def encode(tokenizer_dir: Path, examples: list[ChatExample], max_len: int) -> EncodedSet:
     """What the job encodes, computed here with the job's own functions."""
-    from backends.trl_train import encode_examples, load_tokenizer, tokenizer_functions
+    from backends.training import encode_examples, tokenizer_functions
+    from backends.trl_train import load_tokenizer
 
     return encode_examples(examples, *tokenizer_functions(load_tokenizer(tokenizer_dir)), max_len)
 
@@ -170,17 +165,6 @@ def lora_job(tmp_path_factory: pytest.TempPathFactory, bundled_hf_dir: Path) -> 
 # --------------------------------------------------------------------------- no model needed
 
 
-def test_job_input_round_trip_and_strictness(tmp_path: Path) -> None:
-    job = JobInput(base_model=Path("/models/base"), init_adapter=Path("prev/peft"), max_steps=3)
-    job.write(tmp_path)
-    assert JobInput.read(tmp_path) == job
-    assert job.resolve(tmp_path, job.init_adapter or Path()) == tmp_path / "prev/peft"
-    assert job.resolve(tmp_path, job.base_model) == Path("/models/base")
-    (tmp_path / "job.json").write_text(json.dumps({"base_model": "/m", "learning_rate": 1}))
-    with pytest.raises(JobError, match="learning_rate"):
-        JobInput.read(tmp_path)
-
-
 def test_spec_knobs_reach_the_trainer_config(tmp_path: Path) -> None:
     """The paper's open-model preset, as TRL sees it (TRL's own defaults differ: bf16 and gradient
     checkpointing on, lr 2e-5)."""
@@ -188,10 +172,16 @@ def test_spec_knobs_reach_the_trainer_config(tmp_path: Path) -> None:
 
     spec = FinetuneSpec(preset="paper-open-full", seed=7)
     place = Placement(device="cpu", bf16=False, gradient_checkpointing=False)
-    args = sft_config(JobInput(base_model=tmp_path, max_steps=5), spec, place, tmp_path)
-    assert (args.learning_rate, args.num_train_epochs, args.max_steps) == (1e-5, 2, 5)
+    job = JobInput(base_model=tmp_path)
+    # 40 rows, batch 4, accumulation 4: 10 micro-batches = 3 optimizer steps an epoch, 6 in all
+    args = sft_config(job, spec, place, tmp_path, schedule(40, spec))
+    assert (args.learning_rate, args.num_train_epochs, args.max_steps) == (1e-5, 2, 6)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
-    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03 and args.weight_decay == 0.0
+    assert args.lr_scheduler_type == "cosine" and args.weight_decay == 0.0
+    # the warmup is ours, a whole number, and transformers takes it as it is: ceil(0.03 x 6) = 1
+    assert args.warmup_steps == 1 and args.get_warmup_steps(args.max_steps) == 1
+    smoke = sft_config(job, spec, place, tmp_path, schedule(40, spec, max_steps=50))
+    assert (smoke.max_steps, smoke.warmup_steps) == (50, 2)
     assert args.max_length == 2048 and args.seed == 7 and args.data_seed == 7
     assert not args.bf16 and not args.gradient_checkpointing and args.logging_steps == 1
 
@@ -200,15 +190,6 @@ def test_fractional_weights_are_refused() -> None:
     with pytest.raises(JobError, match="0 or 1"):
         check_binary_weights([chat("q", "a", weight=0.5)])
     check_binary_weights([chat("q", "a", weight=0), chat("q", "a", weight=1), chat("q", "a")])
-
-
-def test_failure_lines_name_the_job_and_the_fix() -> None:
-    code, line = failure_line(Path("/jobs/a"), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
-    assert code == 3
-    assert "/jobs/a" in line and "batch_size" in line and "lora_r" in line and "max_seq_len" in line
-    assert "\n" not in line
-    assert failure_line(Path("/jobs/a"), JobError("no trainable example"))[0] == 2
-    assert failure_line(Path("/jobs/a"), ValueError("boom\nmore"))[0] == 1
 
 
 # --------------------------------------------------------------------------- the loss mask (tiny model, in process)
@@ -354,5 +335,35 @@ def test_no_trainable_example_is_one_clear_error(
     assert len(err.strip().splitlines()) == 1
     last = err.strip()
     assert "no trainable example" in last and str(tmp_path) in last
-    assert "1 have no assistant message" in last and "1 have all trained tokens beyond max_seq_len 32" in last
+    assert "1 have no assistant message" in last and "1 have every trained token beyond max_seq_len 32" in last
     assert not (tmp_path / "out" / RESULT_FILE).exists()
+
+
+def test_both_trainers_train_one_job_folder_the_same_way(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same folder through the CPU trainer and the TRL job: the same steps (3 trainable rows,
+    accumulation 2 = 2 optimizer steps an epoch, the second taking the one row left, never one
+    from the next epoch), the same warmup, the same trained tokens and counts."""
+    from backends.hf import main as cpu_main
+
+    spec = FinetuneSpec(
+        epochs=2, batch_size=1, gradient_accumulation_steps=2, warmup_ratio=0.3, lr_scheduler="linear",
+        learning_rate=1e-3, max_seq_len=MAX_LEN,
+    )  # fmt: skip
+    examples = job_examples()[1:]  # 3 trainable (one truncated, one with a masked turn) and 2 that are not
+    results = {}
+    for name in ("cpu", "trl"):
+        write_inputs(tmp_path / name, JobInput(base_model=tiny_dir, precision="fp32"), examples, spec)
+    results["trl"] = (run_here(tmp_path / "trl", monkeypatch, capsys), read_result(tmp_path / "trl"))
+    results["cpu"] = ((cpu_main([str(tmp_path / "cpu")]), capsys.readouterr().err), read_result(tmp_path / "cpu"))
+    for (code, err), _ in results.values():
+        assert code == 0, err
+    cpu, trl = results["cpu"][1], results["trl"][1]
+    assert cpu["steps"] == trl["steps"] == schedule(3, spec).total == 4
+    for key in ("trained_tokens", "examples", "examples_trained", "truncated", "dropped_too_long", "dropped_no_target"):
+        assert cpu[key] == trl[key], key
+    # warmup ceil(0.3 x 4) = 2 steps: the learning rate climbs to its peak at step 3, then decays linearly
+    for name in ("cpu", "trl"):
+        lrs = [json.loads(line)["lr"] for line in (tmp_path / name / "out" / "train.log").read_text().splitlines()]
+        assert len(lrs) == 4 and lrs[0] < lrs[1] and max(lrs) == pytest.approx(1e-3), (name, lrs)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import stat
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from fakes import FakeVllm, fake_vllm
@@ -21,9 +23,11 @@ import backends
 from agentsoc.backend import FatalBackendError, ModelNotFoundError, TransientBackendError
 from agentsoc.config import RecipeError, recipe_from_dict
 from agentsoc.types import ChatExample, FinetuneSpec, JobState, Message, Sampling
-from backends.options import VllmOptions
+from backends.job_folder import JobInput, JobResult, write_result
+from backends.options import SocietyShape, VllmOptions
 from backends.refs import adapter_ref
-from backends.vllm import OUT, VllmBackend, adapter_name
+from backends.vllm import OUT, VllmBackend, adapter_name, create
+from backends.vllm_server import free_port
 
 __all__ = ["fake_vllm"]
 
@@ -104,7 +108,7 @@ async def test_server_faults_are_transient_and_name_the_url(
 
 
 async def test_more_adapters_than_max_loras_warns_once(
-    fake_vllm: FakeVllm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_vllm: FakeVllm, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     b = VllmBackend(VllmOptions(base_url=fake_vllm.base_url, max_loras=2), tmp_path, base_model=tmp_path)
     try:
@@ -112,7 +116,7 @@ async def test_more_adapters_than_max_loras_warns_once(
             await b.complete(adapter_ref(BASE_MODEL, write_adapter(tmp_path / str(n))), ASK, Sampling(seed=1))
     finally:
         await b.aclose()
-    err = capsys.readouterr().err
+    err = caplog.text
     assert err.count("--max-loras") == 1 and "take turns" in err
 
 
@@ -206,6 +210,13 @@ EXAMPLES = [
 ] * 3
 
 
+def finish(job_dir: Path, method: Literal["lora", "full"], output: Path) -> None:
+    """What the training job writes last: its result marker (backends.job_folder)."""
+    counts = {"examples": 3, "examples_trained": 3, "truncated": 0, "dropped_too_long": 0, "dropped_no_target": 0}
+    result = JobResult(method=method, output=str(output), steps=4, losses=[1.0], trained_tokens=9, seconds=1, **counts)
+    write_result(job_dir, JobInput.read(job_dir), result)
+
+
 async def test_jobs_are_submitted_once_and_adopted_from_their_result_marker(
     backend: VllmBackend, tmp_path: Path
 ) -> None:
@@ -222,7 +233,7 @@ async def test_jobs_are_submitted_once_and_adopted_from_their_result_marker(
     polled = await backend.poll_finetune(job)
     assert polled.state is JobState.RUNNING and polled.progress == pytest.approx(0.75)
     # the job finishes: its marker names the adapter
-    (job_dir / OUT / "result.json").write_text(json.dumps({"output": str(job_dir / OUT / "peft"), "steps": 4}))
+    finish(job_dir, "lora", job_dir / OUT / "peft")
     done = await backend.poll_finetune(polled)
     assert done.state is JobState.SUCCEEDED and done.result == adapter_ref(BASE_MODEL, job_dir / OUT / "peft")
     # a resumed run submits again: the marker answers, Ray is not asked
@@ -264,7 +275,7 @@ async def test_a_fully_finetuned_model_gets_a_server_of_its_own_until_released(t
         out = b.job_dir("full-job") / OUT
         (out / "model").mkdir(parents=True)
         (out / "model" / "config.json").write_text("{}")
-        (out / "result.json").write_text(json.dumps({"method": "full", "output": str(out / "model")}))
+        finish(b.job_dir("full-job"), "full", out / "model")
         done = await b.poll_finetune(job)
         assert done.result == f"{BASE_MODEL}+model:{out / 'model'}"
         reply = await b.complete(done.result, ASK, Sampling(seed=1))
@@ -275,3 +286,125 @@ async def test_a_fully_finetuned_model_gets_a_server_of_its_own_until_released(t
         assert not server.running and not b._full
     finally:
         await b.aclose()
+
+
+# --------------------------------------------------------------------------- issue 16: scale-out readiness
+
+
+def test_adapters_are_named_by_iteration_agent_and_role(backend: VllmBackend) -> None:
+    peft = backend.job_dir("arithmetic-vllm/234b85f8/iter-2/agent-1/critic") / OUT / "peft"
+    name = adapter_name(str(peft))
+    assert name.startswith("iter-2_agent-1_critic-") and "out" not in name.split("-")[0]
+    other = adapter_name(str(backend.job_dir("arithmetic-vllm/234b85f8/iter-2/agent-1/generator") / OUT / "peft"))
+    assert other.startswith("iter-2_agent-1_generator-") and other != name
+
+
+def test_max_loras_defaults_to_every_agent_and_role_of_the_society(fake_vllm: FakeVllm, tmp_path: Path) -> None:
+    opts = VllmOptions(base_url=fake_vllm.base_url)
+    assert VllmBackend(opts, tmp_path, base_model=tmp_path, society=SocietyShape(agents=5, roles=2)).max_loras == 10
+    assert VllmBackend(opts, tmp_path, base_model=tmp_path, society=SocietyShape(agents=3, roles=1)).max_loras == 3
+    explicit = VllmOptions(base_url=fake_vllm.base_url, max_loras=4)
+    assert VllmBackend(explicit, tmp_path, base_model=tmp_path, society=SocietyShape(5, 2)).max_loras == 4
+
+
+async def test_jobs_run_the_nodes_python_with_our_code_shipped_and_sharded_jobs_under_accelerate(
+    fake_vllm: FakeVllm, tmp_path: Path
+) -> None:
+    launch_command_parser = pytest.importorskip("accelerate.commands.launch").launch_command_parser
+
+    seen: list[dict[str, Any]] = []
+
+    class Recording(FakeJobs):
+        def submit(self, key: str, entrypoint: str, **kwargs: Any) -> Any:
+            seen.append({"entrypoint": entrypoint, **kwargs})
+            return super().submit(key, entrypoint)
+
+    for options, sharded in (
+        (VllmOptions(num_gpus=1), False),
+        (VllmOptions(num_gpus=2, accelerate_config="fsdp"), True),
+    ):
+        b = VllmBackend(options.model_copy(update={"base_url": fake_vllm.base_url}), tmp_path, base_model=tmp_path)
+        b.jobs = Recording()  # type: ignore[assignment]
+        try:
+            await b.submit_finetune(BASE_MODEL, EXAMPLES, FinetuneSpec(), key=f"k{sharded}")
+        finally:
+            await b.aclose()
+        argv = seen[-1]["entrypoint"].split()
+        assert argv[0] == "python" and argv[-3:-1] == ["-m", "backends.trl_train"]  # the node's interpreter
+        assert {Path(m).name for m in seen[-1]["py_modules"]} == {"agentsoc", "backends"}
+        if sharded:
+            args = launch_command_parser().parse_args(argv[3:])
+            assert args.num_processes == 2 and args.use_fsdp and args.mixed_precision == "bf16" and args.module
+        else:
+            assert "accelerate.commands.launch" not in argv
+
+
+async def test_a_queued_job_says_what_it_waits_for_and_a_permanent_failure_names_the_fix(
+    backend: VllmBackend,
+) -> None:
+    jobs = FakeJobs()
+    backend.jobs = jobs  # type: ignore[assignment]
+    job = await backend.submit_finetune(BASE_MODEL, EXAMPLES, FinetuneSpec(), key="q")
+    jobs.state = (JobState.QUEUED, "queued since 12:00:00: waiting for 1 GPU(s) and 1 CPU(s) to be free")
+    queued = await backend.poll_finetune(job)
+    assert queued.state is JobState.QUEUED and "waiting for 1 GPU(s)" in queued.events[-1]
+    jobs.state = (JobState.FAILED, "Job entrypoint command failed with exit code 3\nlast log lines:\nout of memory")
+    failed = await backend.poll_finetune(job)
+    assert not failed.retryable and failed.error and "lower finetune.spec.batch_size" in failed.error
+    jobs.state = (JobState.FAILED, "Job entrypoint command failed with exit code 1\nlast log lines:\nnode died")
+    assert (await backend.poll_finetune(job)).retryable
+
+
+async def test_a_failed_job_does_not_keep_the_local_ray_instance_up(
+    fake_vllm: FakeVllm, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="backends")
+    b = VllmBackend(VllmOptions(base_url=fake_vllm.base_url), tmp_path, base_model=tmp_path)
+    jobs = FakeJobs()
+    b.jobs = jobs  # type: ignore[assignment]
+    await b.submit_finetune(BASE_MODEL, EXAMPLES, FinetuneSpec(), key="failed")
+    jobs.state = (JobState.FAILED, "exit code 1")
+    await b.aclose()
+    assert jobs.stopped and "still run" not in caplog.text
+    running = VllmBackend(VllmOptions(base_url=fake_vllm.base_url), tmp_path / "r", base_model=tmp_path)
+    still = FakeJobs()
+    running.jobs = still  # type: ignore[assignment]
+    await running.submit_finetune(BASE_MODEL, EXAMPLES, FinetuneSpec(), key="running")
+    await running.aclose()
+    assert not still.stopped and "1 training job(s) still run" in caplog.text
+
+
+def test_endpoints_and_paths_are_checked_at_start_up_in_seconds(fake_vllm: FakeVllm, tmp_path: Path) -> None:
+    folder = model_folder(tmp_path)
+    ok = VllmOptions(base_url=fake_vllm.base_url, model=str(folder), served_model_name=BASE_MODEL)
+    assert isinstance(create(ok, tmp_path / "run"), VllmBackend)
+    started = time.monotonic()
+    cases = [
+        (ok.model_copy(update={"model": str(tmp_path / "nowhere")}), r"model = .*nowhere.* not a folder here"),
+        (ok.model_copy(update={"model": str(tmp_path)}), "has no config.json"),
+        (ok.model_copy(update={"served_model_name": "llama-9"}), f"serves {BASE_MODEL}, not 'llama-9'"),
+        (ok.model_copy(update={"ray_address": f"http://127.0.0.1:{free_port()}"}), "Ray is unreachable"),
+    ]
+    for options, message in cases:
+        with pytest.raises(FatalBackendError, match=message):
+            create(options, tmp_path / "run")
+    fake_vllm.stop()
+    with pytest.raises(FatalBackendError, match=r"no server answers at backend\.options\.base_url"):
+        create(ok, tmp_path / "run")
+    assert time.monotonic() - started < 60  # seconds, not a debate's worth of timeouts
+
+
+async def test_a_recipe_gives_the_backend_its_society_shape(fake_vllm: FakeVllm, tmp_path: Path) -> None:
+    from agentsoc.config import create_backend
+
+    folder = model_folder(tmp_path)
+    options = {"base_url": fake_vllm.base_url, "model": str(folder), "served_model_name": BASE_MODEL}
+    data: dict[str, Any] = {
+        "name": "v",
+        "task": {"name": "arithmetic"},
+        "backend": {"name": "vllm", "options": options},
+        "society": {"agents": 4, "models": [BASE_MODEL]},
+    }
+    backend = create_backend(recipe_from_dict(data, source="v.toml"), tmp_path / "run")
+    assert isinstance(backend, VllmBackend) and backend.max_loras == 8  # 4 agents x (generator, critic)
+    await backend.aclose()
