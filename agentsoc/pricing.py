@@ -44,6 +44,25 @@ PRICES: dict[str, Price] = {
     "gpt-4.1-nano-2025-04-14": Price(input=0.10, output=0.40, training=1.50, ft_input=0.20, ft_output=0.80),
 }
 
+#: Tinker-API models (backends/tinker.py): per 1M tokens of prefill (``input``), sampling
+#: (``output``) and training; a finetuned LoRA samples at its base model's rates (no deployment).
+TINKER_PRICES_TAKEN = "2026-01"
+TINKER_PRICES_NOTE = (
+    f"Tinker prices: the {TINKER_PRICES_TAKEN} table as quoted in issue 15 (Qwen3-8B $0.13 prefill / $0.40 sample / "
+    "$0.40 train per 1M tokens); Llama-3.1-8B is ASSUMED at Qwen3-8B's rates (same size, not verified); other "
+    "providers of the API (Baseten) price differently: check before a paid run (edit agentsoc/pricing.py); "
+    "prompt tokens bill as prefill, completion tokens as sampling, trained tokens as training"
+)
+_TINKER_8B = Price(input=0.13, output=0.40, training=0.40, ft_input=0.13, ft_output=0.40)
+PRICES.update(
+    {
+        "Qwen/Qwen3-8B": _TINKER_8B,
+        "Qwen/Qwen3-8B-Base": _TINKER_8B,
+        "meta-llama/Llama-3.1-8B": _TINKER_8B,
+        "meta-llama/Llama-3.1-8B-Instruct": _TINKER_8B,
+    }
+)
+
 _ALIASES: dict[str, str] = {
     "gpt-3.5-turbo": "gpt-3.5-turbo-0125",
     "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
@@ -58,6 +77,9 @@ def _lookup(model: ModelRef) -> tuple[Price | None, bool]:
     """The price row of ``model`` and whether it is a fine-tuned model (``ft:<base>:…``)."""
     finetuned = model.startswith("ft:")
     name = model.split(":")[1] if finetuned and model.count(":") >= 1 else model
+    # a Tinker LoRA (``<base>+sampler:tinker://…``) is billed at its base model's rates
+    name, tinker_lora, _ = name.partition("+sampler:")
+    finetuned = finetuned or bool(tinker_lora)
     return PRICES.get(_ALIASES.get(name, name)), finetuned
 
 

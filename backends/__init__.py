@@ -22,6 +22,8 @@ from backends.options import (
     LocalOptions,
     MockOptions,
     OpenAIOptions,
+    SocietyShape,
+    TinkerOptions,
     VllmOptions,
 )
 
@@ -32,15 +34,18 @@ class Entry(NamedTuple):
     options: type[BackendOptions]
     #: "module:function"; the function takes the validated options and the run directory
     factory: str
+    #: whether the factory also takes ``society=`` (a :class:`SocietyShape`) to size itself by
+    shaped: bool = False
 
 
 _REGISTRY: dict[str, Entry] = {
     "mock": Entry(MockOptions, "backends.mock:create"),
     "llamacpp": Entry(LlamaCppOptions, "backends.llamacpp:create"),
     "local": Entry(LocalOptions, "backends.local:create"),
-    "auto": Entry(AutoOptions, "backends.local:create_auto"),
+    "auto": Entry(AutoOptions, "backends.tinker_auto:create_auto"),
     "openai": Entry(OpenAIOptions, "backends.openai:create"),
-    "vllm": Entry(VllmOptions, "backends.vllm:create"),
+    "vllm": Entry(VllmOptions, "backends.vllm:create", shaped=True),
+    "tinker": Entry(TinkerOptions, "backends.tinker:create"),
 }
 
 
@@ -69,8 +74,11 @@ def parse(name: str, options: Mapping[str, Any]) -> BackendOptions:
     return parse_options(f"backend '{name}'", options_model(name), options)
 
 
-def create(name: str, options: Mapping[str, Any] | BackendOptions, run_dir: Path) -> Backend:
-    """Build the backend called ``name`` from its (raw or validated) options."""
+def create(
+    name: str, options: Mapping[str, Any] | BackendOptions, run_dir: Path, *, society: SocietyShape | None = None
+) -> Backend:
+    """Build the backend called ``name`` from its (raw or validated) options; ``society`` is the
+    shape of the society it will serve, for backends that size themselves by it."""
     entry = _entry(name)
     if isinstance(options, BackendOptions):
         if not isinstance(options, entry.options):
@@ -80,4 +88,6 @@ def create(name: str, options: Mapping[str, Any] | BackendOptions, run_dir: Path
         typed = parse(name, options)
     module_name, func_name = entry.factory.split(":")
     factory: Factory = getattr(importlib.import_module(module_name), func_name)
+    if entry.shaped and society is not None:
+        return factory(typed, run_dir, society=society)  # type: ignore[call-arg]
     return factory(typed, run_dir)

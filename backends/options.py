@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -144,26 +144,75 @@ class LocalOptions(LlamaCppOptions):
     lora_targets: tuple[str, ...] = Field(default=DEFAULT_TARGETS, min_length=1, description="LoRA target modules")
     hf_cache: bool = Field(
         default=True,
-        description="cache a float32 transformers copy of the GGUF (~2.5 GB; saves a minute per process)",
+        description="cache a float32 transformers copy of the GGUF (~2.5 GB; saves a minute per training job)",
         json_schema_extra=RUNTIME,
     )
     train_bf16: bool | None = Field(
         default=None, description="bfloat16 autocast in training; None = where the CPU has native bf16"
     )
     train_in_process: bool = Field(
-        default=False, description="train in this process instead of one training subprocess", json_schema_extra=RUNTIME
+        default=False,
+        description="train in this process, the base kept loaded across jobs, instead of one process per job",
+        json_schema_extra=RUNTIME,
+    )
+
+
+class TinkerOptions(BackendOptions):
+    """A Tinker-API service (Thinking Machines, Baseten's Loops): hosted LoRA sampling and training
+    (``backends/tinker.py``). The key is read from ``TINKER_API_KEY`` only."""
+
+    base_url: str | None = Field(
+        default=None, description="API endpoint of a Tinker-API provider; None = $TINKER_BASE_URL, else Tinker's"
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="the base model's tokenizer: a local folder, or a model id already in the local HF cache "
+        "(never downloaded at run time); None = the base model's name in the local HF cache",
+    )
+    chat_template_kwargs: dict[str, bool | str | int] = Field(
+        default_factory=dict, description="extra chat-template variables, e.g. { enable_thinking = false } for Qwen3"
+    )
+    stop_tokens: tuple[int, ...] = Field(
+        default=(), description="end-of-turn token ids to stop at; () = the tokenizer's EOS / <|eot_id|> / <|im_end|>"
+    )
+    save_every: int = Field(
+        default=4,
+        ge=1,
+        description="optimizer steps between save_state checkpoints: what a killed run can lose (and pay twice)",
+        json_schema_extra=RUNTIME,
+    )
+    max_active_jobs: int | None = Field(
+        default=None, ge=1, description="training jobs run at once (None: every agent and role together)",
+        json_schema_extra=RUNTIME,
+    )
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="Adam beta1 (the spec gives lr and weight decay)")
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1, description="Adam beta2 (torch's default, as the trainers)")
+    adam_eps: float = Field(default=1e-8, gt=0, description="Adam epsilon (torch's default, as the trainers)")
+    grad_clip_norm: float = Field(default=1.0, ge=0, description="global gradient-norm clip; 0 = none (TRL: 1.0)")
+    state_dir: str = Field(
+        default="tinker",
+        description="folder of the jobs' inputs and progress (step, checkpoint path), relative to the run directory",
     )
 
 
 class AutoOptions(BackendOptions):
-    """``auto``: OpenAI when ``OPENAI_API_KEY`` is set, else the local fallback.
+    """``auto``: OpenAI when ``OPENAI_API_KEY`` is set, else the local fallback — except that a set
+    ``TINKER_API_KEY`` wins over OpenAI when OpenAI cannot finetune (from its cut-off day on, or
+    ``openai_finetunes = false``).
 
-    ``[backend.options.openai]`` and ``[backend.options.local]`` configure each side; a key written
-    directly under ``[backend.options]`` goes to whichever side knows it (and must be known to one).
+    ``[backend.options.openai]``, ``[backend.options.local]`` and ``[backend.options.tinker]`` configure
+    each side; a key written directly under ``[backend.options]`` goes to whichever of openai and local
+    knows it (and must be known to one); tinker takes only its own table (its base_url is another API's).
     """
 
     openai: OpenAIOptions = Field(default_factory=OpenAIOptions, description="options if OpenAI is chosen")
     local: LocalOptions = Field(default_factory=LocalOptions, description="options if the local fallback is chosen")
+    tinker: TinkerOptions = Field(default_factory=TinkerOptions, description="options if tinker is chosen")
+    openai_finetunes: bool = Field(
+        default=True,
+        description="false when your OpenAI organisation cannot create fine-tuning jobs (never fine-tuned before "
+        "2026-05-07, or no fine-tuned-model inference in the last 60 days): auto then prefers TINKER_API_KEY",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -172,8 +221,10 @@ class AutoOptions(BackendOptions):
             return data
         sides: dict[str, type[BackendOptions]] = {"openai": OpenAIOptions, "local": LocalOptions}
         out: dict[str, Any] = {side: dict(data.get(side) or {}) for side in sides}
+        if "tinker" in data:
+            out["tinker"] = data["tinker"]
         for key, value in data.items():
-            if key in sides:
+            if key in sides or key == "tinker":
                 continue
             owners = [side for side, model in sides.items() if key in model.model_fields]
             if not owners:
@@ -184,6 +235,18 @@ class AutoOptions(BackendOptions):
 
     def batch_api(self) -> bool:
         return bool(os.environ.get("OPENAI_API_KEY")) and self.openai.batch
+
+
+class SocietyShape(NamedTuple):
+    """What a backend may size itself by: ``agents`` agents, each finetuned in ``roles`` roles."""
+
+    agents: int
+    roles: int
+
+    @property
+    def adapters(self) -> int:
+        """Finetuned models in use at once (one per agent and role)."""
+        return self.agents * self.roles
 
 
 class VllmOptions(BackendOptions):
@@ -238,6 +301,26 @@ class VllmOptions(BackendOptions):
         "(None: <run dir>/adapters)",
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per training job", json_schema_extra=RUNTIME)
+    server_num_gpus: int = Field(
+        default=0,
+        ge=0,
+        description="GPUs the vLLM server(s) use, reserved in Ray (a job on this node holds them while the run "
+        "lives) so no training job is placed on them; the servers run on the devices Ray assigns. 0: Ray is not "
+        "told (on one box keep them apart with server_env and train_devices)",
+        json_schema_extra=RUNTIME,
+    )
+    accelerate_config: Literal["fsdp", "deepspeed"] | None = Field(
+        default=None,
+        description="shard each training job over its num_gpus GPUs with accelerate: 'fsdp' (FSDP full shard) "
+        "or 'deepspeed' (ZeRO-3), bf16; for full finetuning of 7-8B models (None: one GPU per job)",
+        json_schema_extra=RUNTIME,
+    )
+    gpu_memory_gb: float = Field(
+        default=80.0,
+        gt=0,
+        description="memory of each GPU in GB, for the memory plan of agentsoc run --dry-run",
+        json_schema_extra=RUNTIME,
+    )
     train_devices: str | None = Field(
         default=None,
         description="CUDA_VISIBLE_DEVICES of the local Ray instance (its jobs): GPUs the servers do not use, "
@@ -252,3 +335,4 @@ class VllmOptions(BackendOptions):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="training precision; auto = bf16 on CUDA and on CPUs with native bf16"
     )
+
