@@ -10,7 +10,9 @@ cannot (bad request, auth, unknown model, a job the provider refuses). Only the 
 retries, and only transient errors — one retry layer, never nested (DESIGN §3).
 
 What a backend can do (finetune, score, its job limits) is :class:`Capabilities` data on the
-backend, never discovered by probing it.
+backend, never discovered by probing it. A backend that talks to an endpoint may also implement
+:class:`Checked` (``check``): the society calls it through :func:`probe` before the first stage, so a
+wrong URL or a refused key is one line in seconds instead of minutes of silent retries.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class Capabilities(BaseModel):
     max_active_jobs: int | None = Field(default=None, ge=1)
     #: finetuned models are adapters served on one loaded base, so ``release`` frees something
     adapters: bool = False
+    #: chat calls wait in a provider-side queue (OpenAI's Batch API), not on a connection: the
+    #: concurrency limit does not hold them back, so a whole debate round goes into one batch
+    queued: bool = False
 
 
 class BackendError(Exception):
@@ -112,3 +117,23 @@ class Backend(Protocol):
     async def release(self, models: Sequence[ModelRef]) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Checked(Protocol):
+    """An optional part of a backend: a quick start-up check of its endpoint.
+
+    ``check`` raises :class:`FatalBackendError` (one line: the URL, what failed, what to do) when the
+    endpoint cannot serve ``models`` at all — unreachable, the key refused, a model it does not
+    have — and returns quietly otherwise, a busy (429/5xx) server included: retries handle those.
+    It is a separate protocol so that backends with nothing to reach (mock, in-process llama.cpp)
+    need no method; :func:`probe` is the default no-op path for them.
+    """
+
+    async def check(self, models: Sequence[ModelRef]) -> None: ...
+
+
+async def probe(backend: Backend, models: Sequence[ModelRef]) -> None:
+    """Check ``backend``'s endpoint for ``models`` if it implements :class:`Checked`; else nothing."""
+    if isinstance(backend, Checked):
+        await backend.check(models)

@@ -29,22 +29,70 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool) -> RunLock:
 
     A new run directory is built under a temporary name (resolved recipe, database, fingerprint)
     and renamed into place, so a kill at any moment leaves either no run or a complete empty one —
-    never a directory that can be neither resumed nor started again.
+    never a directory that can be neither resumed nor started again. An existing run that never
+    did any work (it stopped at its first call: an unknown model, an endpoint that was down) is
+    started again with this recipe, changed or not, with or without ``--resume``: nothing in it can
+    be lost or paid twice. A store that is empty or damaged is refused (:class:`StoreError`).
     """
+    _check_parents(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} is a file; choose another --run-dir")
     if not (run_dir / "run.sqlite").exists():
+        if (run_dir / "recipe.toml").exists():
+            raise RunDirError(
+                f"run directory {run_dir} holds a run's recipe.toml but no run.sqlite: the run's record is lost; "
+                "restore run.sqlite from a backup, or choose another --run-dir"
+            )
         if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise RunDirError(
                 f"run directory {run_dir} is not empty and holds no agentsoc run (no run.sqlite); "
                 "choose another --run-dir"
             )
         _create(run_dir, recipe)
-    elif not resume:
-        raise RunDirError(
-            f"run directory {run_dir} is not empty; pass --resume to continue that run, or choose another --run-dir"
-        )
-    return acquire(run_dir)
+        return acquire(run_dir)
+    lock = acquire(run_dir)  # before the store is read: another process may be writing it
+    try:
+        if not _has_work(run_dir):
+            _restart(run_dir, recipe)
+        elif not resume:
+            raise RunDirError(
+                f"run directory {run_dir} is not empty; pass --resume to continue that run, or choose another --run-dir"
+            )
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_parents(run_dir: Path) -> None:
+    """One line for a run directory that cannot be made because a folder above it is a file
+    (``--run-dir notes.txt/run``), instead of the ``FileExistsError`` of ``mkdir``."""
+    for parent in run_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(
+                    f"cannot create run directory {run_dir}: {parent} is a file, not a folder; choose another --run-dir"
+                )
+            return
+
+
+def _has_work(run_dir: Path) -> bool:
+    """Whether the run's store holds any work (read only; an empty or damaged store raises StoreError)."""
+    store = RunStore.open(run_dir, readonly=True)
+    try:
+        return store.has_work()
+    finally:
+        store.close()
+
+
+def _restart(run_dir: Path, recipe: Recipe) -> None:
+    """Bind a run that never did any work to ``recipe``: its resolved recipe and fingerprint."""
+    write_atomic(run_dir / "recipe.toml", tomli_w.dumps(recipe.to_toml_dict()))
+    store = RunStore.open(run_dir)
+    try:
+        bind(store, recipe)
+    finally:
+        store.close()
 
 
 def acquire(run_dir: Path) -> RunLock:

@@ -93,6 +93,16 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
     raise last
 
 
+def _check_integrity(conn: sqlite3.Connection) -> None:
+    """Raise (as SQLite would, later and mid-run) if a store about to be resumed is damaged: garbage
+    inside the file, its header intact, is otherwise found only by the first query that reads it."""
+    rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+    if rows != [("ok",)]:
+        conn.close()
+        found = " ".join(str(rows[0][0]).replace("*** in database main ***", "").split()) if rows else "no answer"
+        raise sqlite3.DatabaseError(f"database disk image is malformed: {found}")
+
+
 class RunStore:
     """The run directory's database. Open with :meth:`open`; close with :meth:`close`."""
 
@@ -106,12 +116,22 @@ class RunStore:
         """Open (or create) the run's database; ``readonly`` opens an existing one without writing,
         so ``agentsoc jobs`` and ``report`` work on a finished run in a read-only place."""
         path = run_dir / "run.sqlite"
+        if path.is_file() and path.stat().st_size == 0:
+            # SQLite writes its first page as soon as a store is made (WAL mode), so an empty file is a
+            # store that lost everything: opening it would start the run afresh and pay for every call again
+            raise StoreError(
+                f"{path}: empty run database (0 bytes): this run's record is lost, and resuming would redo "
+                "(and pay for) all of its work; restore run.sqlite from a backup, or start anew in another --run-dir"
+            )
         try:
             if readonly:
                 conn = _open_readonly(path)
             else:
+                existed = path.is_file()
                 run_dir.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                if existed:
+                    _check_integrity(conn)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA)
@@ -133,14 +153,19 @@ class RunStore:
                     self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
-            except sqlite3.OperationalError as e:
+            except sqlite3.DatabaseError as e:
                 if _environmental(e):
                     raise StoreError(describe(self.run_dir / "run.sqlite", e)) from None
                 raise
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return list(self._conn.execute(sql, params).fetchall())
+            try:
+                return list(self._conn.execute(sql, params).fetchall())
+            except sqlite3.DatabaseError as e:  # a damaged page met by a read (``report`` on a corrupt run)
+                if _environmental(e):
+                    raise StoreError(describe(self.run_dir / "run.sqlite", e)) from None
+                raise
 
     # -- meta ---------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -163,6 +188,15 @@ class RunStore:
 
     def count_calls(self) -> int:
         return int(self._rows("SELECT COUNT(*) FROM calls")[0][0])
+
+    def has_work(self) -> bool:
+        """Whether the run did anything: a stored call, transcript, dataset, job, metric or usage.
+
+        A store without any is a run that stopped before its first call (a wrong model, an endpoint
+        that was down): nothing would be lost or paid twice by starting it again with a changed recipe.
+        """
+        tables = ("calls", "transcripts", "datasets", "jobs", "metrics", "usage")
+        return any(self._rows(f"SELECT EXISTS (SELECT 1 FROM {t})")[0][0] for t in tables)
 
     # -- transcripts ----------------------------------------------------------------------------
     def put_transcript(self, t: Transcript) -> None:

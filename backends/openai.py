@@ -14,7 +14,11 @@ in ``run_dir/openai/uploads/``, one file per key, or — after a kill between th
 record — found in ``files.list`` by its name, which carries the key and content hashes).
 
 The API key is read from the environment variable the recipe names, never from the recipe, and is
-scrubbed from every error message this module produces.
+scrubbed from every error message this module produces. A key that cannot be an HTTP header value
+is caught when the backend is built (surrounding whitespace — a pasted trailing newline — is
+stripped with a warning; any other space, control or non-ASCII character is refused), because the
+HTTP client would refuse it on every call and the retries would hide that for minutes.
+:meth:`OpenAIBackend.check` probes the endpoint before the first stage for the same reason.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import datetime as dt
 import email.utils
 import hashlib
 import json
+import logging
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ from agentsoc.backend import (
     TransientBackendError,
     cannot_score,
 )
+from agentsoc.options import OptionProblem, OptionsError
 from agentsoc.types import (
     ChatExample,
     Completion,
@@ -73,8 +80,17 @@ from backends.openai_files import (
 from backends.openai_files import expect as _expect
 from backends.options import OpenAIOptions
 
-#: After this day OpenAI accepts no new fine-tuning jobs from anyone (ecosystem.md finding 1).
-NO_NEW_JOBS_AFTER = dt.date(2027, 1, 6)
+log = logging.getLogger(__name__)
+
+#: From this day OpenAI accepts no new fine-tuning jobs from anyone; the last day was 2027-01-05
+#: (OpenAI's deprecations page, 2026-05-07; ecosystem.md finding 1).
+NO_NEW_JOBS_FROM = dt.date(2027, 1, 6)
+#: OpenAI's gates on creating fine-tuning jobs (deprecations page, 2026-05-07), named in its refusals
+OPENAI_GATES = (
+    "OpenAI refuses new fine-tuning jobs from organisations that never fine-tuned (since 2026-05-07), from "
+    "those without fine-tuned-model inference in the last 60 days (since 2026-07-02), and from everyone "
+    f"from {NO_NEW_JOBS_FROM}"
+)
 _STATUS = {
     "validating_files": JobState.QUEUED,
     "queued": JobState.QUEUED,
@@ -90,9 +106,17 @@ _STATUS = {
 _TRANSIENT_JOB_CODES = {"server_error", "internal_error", "internal_server_error", "rate_limit_exceeded", "timeout"}
 #: OpenAI limits metadata values to 512 characters.
 _METADATA_MAX = 512
+#: the start-up probe: seconds per try (to connect, and in all), and tries before an unreachable
+#: endpoint stops the run (3 tries 1 s apart: a blip at start-up is not a dead endpoint)
+PROBE_TIMEOUT_S = 10.0
+PROBE_CONNECT_S = 5.0
+PROBE_TRIES = 3
+#: seconds to open a connection: an unreachable host is named in seconds, not after ``timeout_s``
+CONNECT_TIMEOUT_S = 10.0
 _LOCAL_HINT = (
-    "use a local recipe instead: recipes/arithmetic-local.toml (the local backend: llama.cpp + LoRA on this "
-    "machine) or recipes/arithmetic-vllm.toml (open models on vLLM) as a template"
+    "use a hosted or local recipe instead: recipes/arithmetic-tinker.toml (the tinker backend: LoRA on open "
+    "models at a Tinker-API provider, billed per token), recipes/arithmetic-vllm.toml (open models on vLLM, your "
+    "GPUs) or recipes/arithmetic-local.toml (the local backend: llama.cpp + LoRA on this machine) as a template"
 )
 
 
@@ -116,7 +140,24 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
         return max((parsed - dt.datetime.now(dt.UTC)).total_seconds(), 0.0) if parsed else None
 
 
-def _api_message(e: openai.APIStatusError) -> str:
+def connection_problem(e: BaseException) -> str:
+    """What went wrong opening a connection, in words (``connection refused``), from the cause chain."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return "unknown host"
+        if isinstance(cause, TimeoutError | openai.APITimeoutError | httpx2.TimeoutException):
+            return "no answer (timed out)"
+        cause = cause.__cause__ or cause.__context__
+    inner = e.__cause__ if isinstance(e, openai.APIConnectionError) and e.__cause__ else e
+    return f"connection failed: {inner}"
+
+
+def api_message(e: openai.APIStatusError) -> str:
     body = e.body
     if isinstance(body, dict):
         err = body.get("error", body)
@@ -132,7 +173,7 @@ def _names_model(e: openai.APIStatusError, model: str) -> bool:
     err = body.get("error", body) if isinstance(body, dict) else None
     if isinstance(err, dict) and err.get("code") == "model_not_found":
         return True
-    return bool(model) and model in _api_message(e)
+    return bool(model) and model in api_message(e)
 
 
 class OpenAIBackend:
@@ -152,8 +193,10 @@ class OpenAIBackend:
         batch_poll_s: float = 30.0,
         weight_support: bool = True,
         today: dt.date | None = None,
+        key_env: str = "OPENAI_API_KEY",
     ) -> None:
         self.client = client
+        self.key_env = key_env
         self.state_dir = run_dir / "openai"
         self.weight_support = weight_support
         self._secret = secret
@@ -174,6 +217,9 @@ class OpenAIBackend:
             if batch
             else None
         )
+        if batch:
+            # calls wait hours in a batch: they must not hold concurrency slots (see Limited)
+            self.capabilities = self.capabilities.model_copy(update={"queued": True})
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={str(self.client.base_url)!r}, batch={self._batcher is not None})"
@@ -208,7 +254,7 @@ class OpenAIBackend:
             return e
         if isinstance(e, openai.APIStatusError):
             status = e.status_code
-            text = f"openai {call} for model {model}: HTTP {status}: {_api_message(e)}"
+            text = f"openai {call} for model {model}: HTTP {status}: {api_message(e)}"
             if status in (408, 409, 429) or status >= 500:
                 return TransientBackendError(self.scrub(text), retry_after=_retry_after(e.response.headers))
             if status == 404:
@@ -217,15 +263,65 @@ class OpenAIBackend:
         if isinstance(e, openai.APITimeoutError):
             return TransientBackendError(self.scrub(f"openai {call} for model {model}: timed out ({self.base_url})"))
         if isinstance(e, openai.APIConnectionError | httpx2.TransportError):
-            cause = e.__cause__ if isinstance(e, openai.APIConnectionError) and e.__cause__ else e
+            # "connection refused at http://…": the words a person needs to see the endpoint is down
             return TransientBackendError(
-                self.scrub(f"openai {call} for model {model}: connection to {self.base_url} failed: {cause or e}")
+                self.scrub(f"openai {call} for model {model}: {connection_problem(e)} at {self.base_url}")
             )
         if isinstance(e, openai.APIResponseValidationError | ValueError | KeyError | TypeError | AttributeError):
             # a truncated or malformed body (the SDK fails while building its objects from it, e.g. a
             # page from a string): the same request will most likely get a good one
             return TransientBackendError(self.scrub(f"openai {call} for model {model}: malformed response: {e}"))
         return FatalBackendError(self.scrub(f"openai {call} for model {model}: {type(e).__name__}: {e}"))
+
+    # -- start-up probe --------------------------------------------------------------------------
+    async def check(self, models: Sequence[ModelRef]) -> None:
+        """Before the first stage: is the endpoint there, does it take the key, has it the models?
+
+        One ``models.retrieve`` per model, with a short timeout. Unreachable after
+        :data:`PROBE_TRIES` tries, a refused key (401), or a 404 that names the model stops the run
+        in seconds, with the URL and what to check. Anything else (403 from a key limited to chat,
+        429, 5xx, a server without that route) shows the endpoint is there: the run goes on and its
+        calls, with their retries, tell the rest.
+        """
+        client = self.client.with_options(timeout=httpx2.Timeout(PROBE_TIMEOUT_S, connect=PROBE_CONNECT_S))
+        for model in dict.fromkeys(models):
+            for attempt in range(1, PROBE_TRIES + 1):
+                try:
+                    await client.models.retrieve(model)
+                except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                    if attempt == PROBE_TRIES:
+                        raise FatalBackendError(
+                            self.scrub(
+                                f"cannot reach {self.base_url}: {connection_problem(e)} ({PROBE_TRIES} tries); "
+                                "check backend.options.base_url, that the server is running, and the network"
+                            )
+                        ) from None
+                    log.warning(
+                        "%s: %s; trying again (%d of %d)",
+                        self.base_url,
+                        connection_problem(e),
+                        attempt + 1,
+                        PROBE_TRIES,
+                    )
+                    await asyncio.sleep(1.0)
+                    continue
+                except openai.AuthenticationError as e:
+                    raise FatalBackendError(
+                        self.scrub(
+                            f"{self.base_url} refused the API key in {self.key_env} (models.retrieve for model "
+                            f"{model}: HTTP 401: {api_message(e)}); set {self.key_env} to a valid key"
+                        )
+                    ) from None
+                except openai.NotFoundError as e:
+                    if _names_model(e, model):
+                        raise ModelNotFoundError(
+                            self.scrub(
+                                f"model {model} is not served at {self.base_url}" + self.not_found_hint(e, model)
+                            )
+                        ) from None
+                except Exception:  # the endpoint answered: that is all the probe asks
+                    pass
+                break
 
     # -- chat -----------------------------------------------------------------------------------
     @staticmethod
@@ -288,9 +384,9 @@ class OpenAIBackend:
     async def preflight(self, base: ModelRef, where: str) -> None:
         """Refuse a base model that is shut down or gone, and any job after OpenAI's cut-off."""
         today = self._now()
-        if today > NO_NEW_JOBS_AFTER:
+        if today >= NO_NEW_JOBS_FROM:
             raise FatalBackendError(
-                f"fine-tuning {where} on {base}: OpenAI stopped new fine-tuning jobs on {NO_NEW_JOBS_AFTER}; "
+                f"fine-tuning {where} on {base}: OpenAI stopped new fine-tuning jobs on {NO_NEW_JOBS_FROM}; "
                 + _LOCAL_HINT
             )
         try:
@@ -312,7 +408,7 @@ class OpenAIBackend:
             if day is not None and day <= today:
                 raise FatalBackendError(
                     f"fine-tuning {where}: model {base} was shut down on {day}; OpenAI stopped new fine-tuning "
-                    f"jobs on it (and stops all new jobs after {NO_NEW_JOBS_AFTER}); " + _LOCAL_HINT
+                    f"jobs on it (and stops all new jobs on {NO_NEW_JOBS_FROM}); " + _LOCAL_HINT
                 )
 
     @staticmethod
@@ -339,18 +435,24 @@ class OpenAIBackend:
     async def _upload(self, key: str, data: bytes, base: ModelRef) -> str:
         """The file id of ``data`` for ``key``, uploaded at most once per key and content.
 
-        Reused, in this order: the upload recorded for ``key`` (its own record file); a file on the
-        server whose name marks it as this key's and content's (uploaded by a process killed before
-        it wrote the record, or whose answer was lost); only then a new upload. The per-key lock
-        keeps two calls of one process from both missing the record and both uploading.
+        Reused, in this order: the upload recorded for ``key`` (its own record file); an upload of the
+        same content recorded for another key (a resubmitted job's earlier attempt); a file on the
+        server whose name marks it as ours with this content (uploaded by a process killed before
+        it wrote the record, or whose answer was lost); only then a new upload. The per-content
+        lock keeps two calls of one process from both missing the record and both uploading.
         """
         digest = content_hash(data)
-        async with self._upload_locks.setdefault(key, asyncio.Lock()):
+        async with self._upload_locks.setdefault(digest, asyncio.Lock()):
             seen = self._uploads.get(key) or self._legacy_uploads.get(key)
             if seen and seen.get("sha256") == digest:
                 return str(seen["file_id"])
+            # a new attempt of a failed job (key ``…#attempt-2``) trains on the same bytes: reuse the file
+            same = next((r for r in self._uploads.all().values() if r.get("sha256") == digest), None)
+            if same is not None:
+                self._uploads.put(key, {"sha256": digest, "file_id": same["file_id"], "filename": same["filename"]})
+                return str(same["file_id"])
             name = upload_name(key, digest)
-            file_id = await self._find_upload(name, base)
+            file_id = await self._find_upload(digest, base)
             if file_id is None:
                 write_atomic(self.state_dir / name, data)  # the training file as sent, for people
                 try:
@@ -366,11 +468,13 @@ class OpenAIBackend:
             self._uploads.put(key, {"sha256": digest, "file_id": file_id, "filename": name})
             return file_id
 
-    async def _find_upload(self, name: str, base: ModelRef) -> str | None:
-        """The id of a usable fine-tune file called ``name`` on the server, if there is one."""
+    async def _find_upload(self, digest: str, base: ModelRef) -> str | None:
+        """The id of a usable fine-tune file on the server whose name marks it as ours with this
+        content (any key's: the bytes are what the job trains on), if there is one."""
+        tail = upload_name("", digest).rsplit("-", 1)[1]  # "<digest[:16]>.jsonl"
         try:
             async for f in self.client.files.list(purpose="fine-tune", limit=10_000):
-                if f.filename == name and f.status != "error":
+                if f.filename.startswith("agentsoc-") and f.filename.endswith("-" + tail) and f.status != "error":
                     return str(f.id)
         except Exception as e:
             raise self.map_error(e, "files.list", base) from None
@@ -411,8 +515,8 @@ class OpenAIBackend:
                 raise FatalBackendError(
                     self.scrub(
                         f"OpenAI refused to create fine-tuning {where} on {base}: HTTP {e.status_code}: "
-                        f'"{_api_message(e)}". OpenAI is winding down fine-tuning (no new jobs after '
-                        f"{NO_NEW_JOBS_AFTER}); " + _LOCAL_HINT
+                        f'"{api_message(e)}". The likely cause: this organisation is not eligible — '
+                        f"{OPENAI_GATES}; " + _LOCAL_HINT
                     )
                 ) from None
             raise self.map_error(e, "fine_tuning.jobs.create", base) from None
@@ -492,24 +596,18 @@ class OpenAIBackend:
 def create(options: OpenAIOptions, run_dir: Path) -> OpenAIBackend:
     """The backend from its recipe options (:class:`backends.options.OpenAIOptions`).
 
-    The key comes from the environment variable ``api_key_env`` names, never from the recipe. A
-    local server (``base_url`` set) needs no key; the hosted API does. With ``batch``, a call waits
-    in its batch while holding a slot of ``backend.concurrency``, so one batch holds at most that
-    many requests: raise it (e.g. to 5000) to put a whole debate round into one batch.
+    The key comes from the environment variable ``api_key_env`` names, never from the recipe
+    (:func:`api_key`). A local server (``base_url`` set) needs no key; the hosted API does. With
+    ``batch``, calls wait in their batch without holding a slot of ``backend.concurrency``, so a
+    batch holds a whole debate round (up to the Batch API's 50,000 requests).
     """
-    key = os.environ.get(options.api_key_env, "")
-    if not key:
-        if options.base_url is None:
-            raise ValueError(
-                f"backend 'openai': the environment variable {options.api_key_env} holding the API key is not set"
-            )
-        key = "not-needed"  # local OpenAI-compatible servers ignore the key but the SDK wants one
+    key = api_key(options)
     client = AsyncOpenAI(
         api_key=key,
         base_url=options.base_url,
         organization=options.organization,
         project=options.project,
-        timeout=options.timeout_s,
+        timeout=httpx2.Timeout(options.timeout_s, connect=min(options.timeout_s, CONNECT_TIMEOUT_S)),
         max_retries=0,
     )
     return OpenAIBackend(
@@ -520,4 +618,41 @@ def create(options: OpenAIOptions, run_dir: Path) -> OpenAIBackend:
         batch_window_s=options.batch_window_s,
         batch_poll_s=options.batch_poll_s,
         weight_support=options.weight_support,
+        key_env=options.api_key_env,
     )
+
+
+def api_key(options: OpenAIOptions) -> str:
+    """The API key from ``options.api_key_env``, checked before anything is sent.
+
+    Whitespace around the key (a trailing newline from ``$(cat key.txt)``, a pasted space) is
+    stripped with a warning on stderr. Any other character an HTTP header cannot carry is refused
+    with one line naming the variable and the position — never the key or the character itself.
+    """
+    env = options.api_key_env
+    raw = os.environ.get(env, "")
+    key = raw.strip()
+    if not key:
+        if options.base_url is not None:
+            return "not-needed"  # local OpenAI-compatible servers ignore the key but the SDK wants one
+        what = "is empty" if env in os.environ else "is not set"
+        raise OptionsError(
+            "backend 'openai'",
+            [OptionProblem("api_key_env", f"the environment variable {env} {what}; export {env}=<your API key>")],
+        )
+    if key != raw:
+        log.warning("%s has spaces or a line break around the key; using it with them stripped", env)
+    for i, c in enumerate(key, 1):
+        if not 33 <= ord(c) <= 126:
+            kind = "a non-ASCII character" if ord(c) > 126 else "a space or control character"
+            raise OptionsError(
+                "backend 'openai'",
+                [
+                    OptionProblem(
+                        "api_key_env",
+                        f"character {i} of the key in {env} is {kind}, which an HTTP header cannot carry; "
+                        f"copy the key again (API keys are plain ASCII)",
+                    )
+                ],
+            )
+    return key

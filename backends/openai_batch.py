@@ -4,7 +4,10 @@ A debate round is a barrier — every agent's round-m call is issued before any 
 so collecting the calls that arrive within a short window gathers a whole round of many problems
 into one batch per model (reference/ecosystem.md §2.4). The Batch API takes one model per batch
 (a file naming two fails with ``model_mismatch``), and finetuned agents each call their own model,
-so the calls of a window are split by model. Each request's ``custom_id`` is a hash of its body,
+so the calls of a window are split by model. A batch is as large as the Batch API allows
+(:data:`MAX_REQUESTS` requests, :data:`MAX_BYTES` of input file), never capped by the run's
+concurrency: calls waiting for a batch hold no concurrency slot (``capabilities.queued``), so a
+round of 1,000 problems × 3 agents is one batch, not hundreds. Each request's ``custom_id`` is a hash of its body,
 seed included, so equal requests are one line and a restarted process recognises its requests.
 
 Batch creation is not idempotent, and a lost ``batches.create`` answer (the server created it, the
@@ -48,12 +51,35 @@ _TRANSIENT_CODES = {"token_limit_exceeded", "rate_limit_exceeded", "server_error
 _CLOCK_SLACK_S = 3600
 #: metadata key carrying a request set's tag
 TAG_KEY = "agentsoc_batch"
+#: the Batch API's limits per batch (openai SDK ``resources/batches.py``: "up to 50,000 requests,
+#: and can be up to 200 MB in size"); MB taken as 10^6 bytes, the smaller reading
+MAX_REQUESTS = 50_000
+MAX_BYTES = 200_000_000
 T = TypeVar("T")
 
 
 def request_id(body: dict[str, Any]) -> str:
     """The custom_id of a chat request: a hash of everything in it, the seed included."""
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def request_line(body: dict[str, Any]) -> str:
+    """One line of a batch input file: the request ``body`` under its custom_id."""
+    return json.dumps({"custom_id": request_id(body), "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
+def split(group: dict[str, Pending], max_requests: int, max_bytes: int) -> list[dict[str, Pending]]:
+    """``group`` in order, cut into sets that each fit one batch (requests and input-file bytes)."""
+    out: list[dict[str, Pending]] = [{}]
+    size = 0
+    for cid, item in group.items():
+        n = len(request_line(item[0]).encode()) + 1
+        if out[-1] and (len(out[-1]) >= max_requests or size + n > max_bytes):
+            out.append({})
+            size = 0
+        out[-1][cid] = item
+        size += n
+    return out
 
 
 def set_tag(model: str, custom_ids: list[str], created: float) -> str:
@@ -76,8 +102,12 @@ class Batcher:
         poll_s: float,
         map_error: ErrorMapper,
         legacy: Mapping[str, Any] | None = None,
+        max_requests: int = MAX_REQUESTS,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self._client = client
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes
         self._records = records
         self._window_s = window_s
         self._poll_s = poll_s
@@ -140,7 +170,10 @@ class Batcher:
         by_model: dict[str, dict[str, Pending]] = {}
         for cid, item in pending.items():
             by_model.setdefault(str(item[0]["model"]), {})[cid] = item
-        await asyncio.gather(*(self._run(model, group) for model, group in by_model.items()))
+        sets = [
+            (m, part) for m, group in by_model.items() for part in split(group, self._max_requests, self._max_bytes)
+        ]
+        await asyncio.gather(*(self._run(model, part) for model, part in sets))
 
     async def _run(self, model: str, group: dict[str, Pending]) -> None:
         """Submit one model's requests as one batch and hand each caller its line (or the error)."""
@@ -221,10 +254,7 @@ class Batcher:
         """Upload the set's input file and create its batch, recording each step as it is done."""
         rec = self._sets[tag]
         model = rec["model"]
-        lines = [
-            json.dumps({"custom_id": request_id(body), "method": "POST", "url": "/v1/chat/completions", "body": body})
-            for body in bodies
-        ]
+        lines = [request_line(body) for body in bodies]
         call = "files.create"
         try:
             uploaded = expect(

@@ -37,10 +37,9 @@ def test_creation_is_atomic_and_leftovers_of_a_killed_creation_do_not_block(writ
     lock.release()
     assert not stale.exists()
     assert {p.name for p in run_dir.iterdir()} >= {"recipe.toml", "run.sqlite"}
-    # a directory created but never run is a run that can be resumed
+    # a directory created but never run holds no work: it may be resumed, or started again (issue 20)
     prepare_run_dir(run_dir, recipe, resume=True).release()
-    with pytest.raises(RunDirError, match="--resume"):
-        prepare_run_dir(run_dir, recipe, resume=False)
+    prepare_run_dir(run_dir, recipe, resume=False).release()
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -55,8 +54,8 @@ async def test_resume_may_change_run_time_settings_but_names_fields_that_change_
     write_recipe: Any, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    async with Society.from_recipe(write_recipe(), run_dir=run_dir, progress=False):
-        pass
+    async with Society.from_recipe(write_recipe(), run_dir=run_dir, progress=False) as soc:
+        await soc.debate(soc.split.train[:1], "iter-1/train")  # work done: the run is bound to its recipe
     patient = write_recipe(
         "patient.toml",
         **{
