@@ -23,6 +23,7 @@ from agentsoc.atomic import write_atomic
 from agentsoc.config import Recipe, RecipeError, set_dotted
 from agentsoc.evaluate import PairedScore, correctness, paired
 from agentsoc.records import Score
+from agentsoc.stats import paired_text
 
 Transform = Callable[[Recipe], Recipe]
 
@@ -100,13 +101,15 @@ def star(recipe: Recipe) -> Recipe:
     """Table 1 "STaR" (Zelikman et al.): one model finetuned on its own rationales that reach the
     GROUND-TRUTH answer, plus rationalization (wrong answers re-asked with the answer as a hint,
     trained without the hint). Our choices: N independent samples per problem (no debate) both to
-    make data and to evaluate (majority vote), like Majority FT; one model for every agent."""
+    make data and to evaluate (majority vote), like Majority FT; one model for every agent. Each
+    iteration restarts from the base model on the data the latest model made, as STaR does."""
     return _shape(
         recipe,
         "star",
         **{
             "society.rounds": 1,
             "finetune.share": "all",
+            "finetune.from_base": True,
             "selection.label": "ground_truth",
             "selection.rationalize": True,
         },
@@ -208,13 +211,33 @@ def unique_id(recipe: Recipe) -> Recipe:
     return _shape(recipe, "unique_id", **{"finetune.share": "all", "society.unique_id": True})
 
 
-@_method("agents_5", "Multiagent FT, 5 agents")
-def agents_5(recipe: Recipe) -> Recipe:
-    """Table 4: the method with 5 agents (a heterogeneous model list is reused cyclically)."""
+def _five_agents(recipe: Recipe) -> dict[str, Any]:
+    """Table 4's society: 5 agents, a heterogeneous model list reused cyclically."""
     models = recipe.society.models
     if len(models) > 1:
         models = [models[i % len(models)] for i in range(5)]
-    return _shape(recipe, "agents_5", **{"society.agents": 5, "society.models": models})
+    return {"society.agents": 5, "society.models": models}
+
+
+@_method("agents_5", "Multiagent FT, 5 agents")
+def agents_5(recipe: Recipe) -> Recipe:
+    """Table 4 "Ours": the method with 5 agents."""
+    return _shape(recipe, "agents_5", **_five_agents(recipe))
+
+
+@_method("debate_agents_5", "Debate, 5 agents")
+def debate_agents_5(recipe: Recipe) -> Recipe:
+    """Table 4 "Debate": the base model debating with 5 agents, M rounds; no finetuning."""
+    return _shape(recipe, "debate_agents_5", **{**_five_agents(recipe), "finetune.iterations": 0})
+
+
+@_method("majority_ft_agents_5", "Majority FT, 5 agents")
+def majority_ft_agents_5(recipe: Recipe) -> Recipe:
+    """Table 4 "Majority FT": as :func:`majority_ft` (one model, round-0 data agreeing with the
+    vote, evaluated by majority vote) with 5 independent samples per problem."""
+    return _shape(
+        recipe, "majority_ft_agents_5", **{**_five_agents(recipe), "society.rounds": 1, "finetune.share": "all"}
+    )
 
 
 @_method("single_agent_ft_t2", "Single-agent FT, temperature 2")
@@ -251,6 +274,11 @@ class MethodResult(BaseModel):
     score: Score
     #: paired difference to the reference method on the same held-out problems (None for itself)
     vs_reference: PairedScore | None = None
+
+    def vs_text(self) -> str:
+        """The paired difference with its discordant counts and exact McNemar p (``-`` for the reference)."""
+        vs = self.vs_reference
+        return "-" if vs is None else paired_text(vs.diff, vs.se, vs.a_only, vs.b_only)
 
 
 async def compare(

@@ -26,7 +26,7 @@ from agentsoc.seeds import derive_seed
 from agentsoc.tasks.base import Problem, Task
 from agentsoc.transcript import AgentSlot, AgentTrace, Transcript
 from agentsoc.types import Completion, Message, ModelRef, Sampling, Usage
-from agentsoc.vote import majority_vote
+from agentsoc.vote import TieBreak, majority_vote
 
 
 class DebateSettings(BaseModel):
@@ -47,6 +47,8 @@ class DebateSettings(BaseModel):
     unique_id: bool = False
     #: a reply cut off at ``max_tokens`` abstains (our rule) instead of voting its last number (the paper)
     abstain_truncated: bool = True
+    #: how a tied vote is decided: a seeded draw (ours) or the largest answer string (MAFT's code)
+    tie_break: TieBreak = "seeded"
 
 
 def stated_answer(task: Task, out: Completion, *, abstain_truncated: bool = True) -> str | None:
@@ -164,6 +166,7 @@ async def debate_one(
             task.is_equivalent,
             seed=settings.seed,
             problem_id=f"{settings.phase}:{problem.id}:{m}",
+            tie_break=settings.tie_break,
         )
         for m in range(settings.rounds)
     )

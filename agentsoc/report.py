@@ -5,21 +5,27 @@ path. A run directory gives per-iteration tables (final vote, vote per round = M
 0, single agent; diversity; dataset sizes; token usage); a compare folder (``compare.json`` plus
 one run directory per method) adds a Table-1-style table, method × task, best in bold, and plots
 that put the methods side by side: accuracy over iterations (paper Fig. 1), diversity over
-iterations (Fig. 3) and accuracy against diversity (Fig. 4). Nothing here calls a model.
+iterations (Fig. 3) and accuracy against diversity (Fig. 4). Every comparison drawn on the same
+problems carries an exact paired test (:mod:`agentsoc.stats`): method vs reference, final vote vs
+round-0 vote (what the debate rounds do), last iteration vs the base society (what finetuning does).
+Nothing here calls a model.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agentsoc.config import Recipe, load_recipe, paper_deviations
+from agentsoc.evaluate import PairedScore, paired
 from agentsoc.records import DatasetRecord, IterationRecord, Score
+from agentsoc.stats import SE_CONVENTION, format_p, mcnemar_exact, paired_text, verdict
 from agentsoc.store import RunStore
 from agentsoc.tables import markdown_table
+from agentsoc.transcript import Transcript
 
 MOCK_BANNER = "> **MOCK BACKEND — simulated agents; numbers say nothing about language models.**"
 
@@ -36,6 +42,18 @@ class ReportError(ValueError):
     """The folder is not a run or compare directory, or plotting is impossible."""
 
 
+#: per held-out problem id: whether a vote was right
+Correct = dict[str, bool]
+
+
+@dataclass
+class VoteCorrectness:
+    """One evaluation's votes, problem by problem: the input of every paired test."""
+
+    final: Correct
+    rounds: list[Correct]
+
+
 @dataclass
 class RunSummary:
     """What the report needs from one run directory: its recipe and its typed iteration records."""
@@ -50,6 +68,10 @@ class RunSummary:
     vs_reference: dict[str, Any] | None = None
     #: the Table 1 column; defaults to the evaluation task's name
     column: str | None = None
+    #: per evaluated iteration, which held-out problems each vote got right (empty when the
+    #: evaluation task cannot be built here, e.g. its data files moved; see ``paired_note``)
+    correct: dict[int, VoteCorrectness] = field(default_factory=dict)
+    paired_note: str | None = None
 
     @property
     def col(self) -> str:
@@ -87,20 +109,59 @@ class RunSummary:
         return None if value is None else float(value)
 
 
+def _vote_correctness(transcripts: list[Transcript], is_equivalent: Callable[[str, str], bool]) -> VoteCorrectness:
+    def right(answer: str | None, truth: str | None) -> bool:
+        return answer is not None and truth is not None and is_equivalent(answer, truth)
+
+    rounds = len(transcripts[0].round_votes) if transcripts else 0
+    return VoteCorrectness(
+        final={t.problem.id: right(t.vote.answer, t.problem.answer) for t in transcripts},
+        rounds=[
+            {t.problem.id: right(t.round_votes[m].answer, t.problem.answer) for t in transcripts} for m in range(rounds)
+        ],
+    )
+
+
+def _correctness(
+    recipe: Recipe, store: RunStore, records: list[IterationRecord]
+) -> tuple[dict[int, VoteCorrectness], str | None]:
+    """Per evaluated iteration, which problems each vote got right, judged by the evaluation task's
+    own equivalence (the same judge as the stored scores)."""
+    from agentsoc import tasks
+
+    ev = recipe.evaluation.task or recipe.task
+    try:
+        task = tasks.create(ev.name, ev.options, base_dir=recipe.base_dir)
+    except (ValueError, OSError) as e:
+        # the task checks its data paths when built; a report must still render without them
+        return {}, f"paired tests left out: the evaluation task cannot be built here ({e})"
+    out = {}
+    for rec in records:
+        if rec.scores is not None:
+            ts = list(store.transcripts(f"iter-{rec.iteration}/eval").values())
+            if ts:
+                out[rec.iteration] = _vote_correctness(ts, task.is_equivalent)
+    return out, None
+
+
 def load_run(run_dir: Path, name: str | None = None, label: str | None = None) -> RunSummary:
     if not (run_dir / "run.sqlite").exists():
         raise ReportError(f"{run_dir}: not an agentsoc run directory (no run.sqlite)")
     recipe = load_recipe(run_dir / "recipe.toml")
     store = RunStore.open(run_dir, readonly=True)
     try:
+        records = store.iterations()
+        correct, note = _correctness(recipe, store, records)
         return RunSummary(
             name=name or recipe.name,
             label=label or recipe.name,
             run_dir=run_dir,
             recipe=recipe,
-            records=store.iterations(),
+            records=records,
             usage=store.usage(),
             jobs=len(store.jobs()),
+            correct=correct,
+            paired_note=note,
         )
     finally:
         store.close()
@@ -164,13 +225,82 @@ def table1(runs: Sequence[RunSummary], reference: str | None = None) -> str:
             row += [str(r.iterations[-1] if r.iterations else 0), _shape_of(r)]
             if reference:
                 vs = r.vs_reference
-                row.append(
-                    "–"
-                    if not vs
-                    else f"{100 * vs['diff']:+.2f} ± {100 * vs['se']:.2f} (+{vs['a_only']}/−{vs['b_only']})"
-                )
+                # compare.json stores no p-value: it comes from the discordant counts, so folders
+                # written before reports carried tests render the same way
+                row.append("–" if not vs else paired_text(vs["diff"], vs["se"], vs["a_only"], vs["b_only"]))
         rows.append(row)
     return markdown_table(header, rows)
+
+
+def _test_row(what: str, a: str, b: str, d: PairedScore) -> list[str]:
+    p = mcnemar_exact(d.a_only, d.b_only)
+    return [
+        what,
+        f"{a} − {b}",
+        f"{100 * d.diff:+.2f} ± {100 * d.se:.2f}",
+        f"{d.a_only} / {d.b_only}",
+        format_p(p),
+        verdict(p, d.diff),
+    ]
+
+
+def paired_tests(runs: Sequence[RunSummary]) -> str | None:
+    """Per run, on the same held-out problems: what the debate rounds do (final vote − round-0 vote,
+    every evaluated iteration) and what finetuning does (last iteration − iteration 0, final vote
+    and round-0 vote). None when no run has such a comparison."""
+    rows = []
+    for r in runs:
+        its = sorted(r.correct)
+        for it in its:
+            vc = r.correct[it]
+            if len(vc.rounds) > 1:
+                rows.append(
+                    _test_row(
+                        r.label, f"final vote, iter {it}", f"round-0 vote, iter {it}", paired(vc.final, vc.rounds[0])
+                    )
+                )
+        if len(its) > 1:
+            first, last = r.correct[its[0]], r.correct[its[-1]]
+            rows.append(
+                _test_row(
+                    r.label,
+                    f"final vote, iter {its[-1]}",
+                    f"final vote, iter {its[0]}",
+                    paired(last.final, first.final),
+                )
+            )
+            if len(first.rounds) > 1 and len(last.rounds) > 1:
+                rows.append(
+                    _test_row(
+                        r.label,
+                        f"round-0 vote, iter {its[-1]}",
+                        f"round-0 vote, iter {its[0]}",
+                        paired(last.rounds[0], first.rounds[0]),
+                    )
+                )
+    if not rows:
+        return None
+    header = [
+        "run",
+        "A − B (same problems)",
+        "Δ (points) ± SE",
+        "only A right / only B right",
+        "exact McNemar",
+        "reads as",
+    ]
+    return markdown_table(header, rows)
+
+
+def _paired_section(runs: Sequence[RunSummary], level: str = "##", *, convention: bool = True) -> list[str]:
+    """The paired-tests table with the SE convention stated (unless the document already did)."""
+    table = paired_tests(runs)
+    notes = sorted({r.paired_note for r in runs if r.paired_note})
+    if table is None and not notes:
+        return []
+    lines = [f"{level} Paired tests", ""] + ([SE_CONVENTION, ""] if convention else [])
+    if table is not None:
+        lines += [table, ""]
+    return lines + [f"- {n}" for n in notes] + ([""] if notes else [])
 
 
 def iteration_table(run: RunSummary) -> str:
@@ -276,7 +406,7 @@ def _pyplot() -> Any:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ReportError(
-            "plots need matplotlib: pip install 'agentsoc[plot]' (or ask for the report without plots)"
+            "plots need matplotlib: pip install -e '.[plot]' (in the agentsoc checkout) (or ask for the report without plots)"
         ) from e
     return plt
 
@@ -460,10 +590,12 @@ def _run_sections(run: RunSummary, level: str = "##") -> list[str]:
         f"{level} Per iteration — {run.label}",
         "",
         "Accuracy (%) ± SE on the held-out problems. *vote round 0* is the Majority of the current agents;"
-        " *single agent* is the mean accuracy of single round-0 answers.",
+        " *single agent* is the mean accuracy of single round-0 answers (its SE counts all N·n answers as"
+        " independent, which the N answers to one problem are not: it is too small).",
         "",
         iteration_table(run),
         "",
+        *_paired_section([run], level + "#"),
         f"{level}# Training data — {run.label}",
         "",
         dataset_table(run),
@@ -515,14 +647,18 @@ def render_compare(out_dir: Path, *, plots: bool = True) -> Path:
     reference = meta.get("reference")
     lines = _header(runs, f"Comparison — {meta.get('recipe', out_dir.name)}")
     lines += [
-        "Accuracy (%) ± standard error (√(p(1−p)/n)) of the majority-voted final answer on the same fixed,"
+        "Accuracy (%) ± standard error of the majority-voted final answer on the same fixed,"
         " seeded held-out problems, after each method's last finetuning iteration; unparsable answers count"
         " as wrong. Best per task in **bold**. The paired Δ is the per-problem difference to"
-        f" `{reference}` with its SE (+problems only this method solved / −only the reference solved).",
+        f" `{reference}` with its SE (+problems only this method solved / −only the reference solved) and"
+        " the exact McNemar p-value of that difference.",
+        "",
+        SE_CONVENTION,
         "",
         table1(runs, reference if any(r.name == reference for r in runs) else None),
         "",
     ]
+    lines += _paired_section(runs, convention=False)
     multi = [r for r in runs if len(r.iterations) > 1]
     if multi:
         lines += ["## Accuracy and diversity per iteration", ""]
@@ -560,7 +696,10 @@ def render_collection(folder: Path, *, plots: bool = True) -> Path:
     lines = _header(runs, f"Comparison — {folder.name}")
     lines += [
         "Accuracy (%) ± SE of the majority-voted final answer on each task's fixed held-out problems, after"
-        " each method's last finetuning iteration. Best per task in **bold**.",
+        " each method's last finetuning iteration. Best per task in **bold**. Paired tests: each task's"
+        " own report.",
+        "",
+        SE_CONVENTION,
         "",
         table1(runs),
         "",

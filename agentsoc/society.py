@@ -243,6 +243,7 @@ class Society:
             phase=phase,
             unique_id=s.unique_id,
             abstain_truncated=s.abstain_truncated,
+            tie_break=s.tie_break,
         )
 
     def eval_slots(self) -> list[AgentSlot]:
@@ -405,6 +406,8 @@ class Society:
             self.store,
             max_job_attempts=self.recipe.backend.max_job_attempts,
             poll_interval_s=self.recipe.backend.poll_interval_s,
+            job_patience_s=self.recipe.backend.job_patience_s,
+            max_backoff_s=self.recipe.backend.max_backoff_s,
             max_active=min(caps) if caps else None,
             on_update=lambda job: bar.set_postfix_str(f"{job.key.rsplit('/', 2)[-2]} {job.state.value}"),
         )

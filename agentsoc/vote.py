@@ -1,9 +1,10 @@
 """Majority vote over equivalence clusters, with an explicit seeded tie-break.
 
 The reference code broke ties by the lexicographically largest answer string (MAFT) or by the
-earliest agent (Du et al.); both are arbitrary and the first biases data selection towards agent 0.
-Here a tie is broken by a random draw seeded from (seed, problem id), so it is fair across agents and
-identical on every rerun.
+earliest agent (Du et al.); both are arbitrary, and the second biases data selection towards agent 0.
+By default (``tie_break = "seeded"``) a tie is broken by a random draw seeded from (seed, problem id),
+so it is fair across agents and identical on every rerun; ``tie_break = "largest"`` is MAFT's rule, for
+runs that reproduce the paper's tables (``society.tie_break`` in a recipe).
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+#: how a tie between equally large clusters is broken: a seeded draw (ours) or MAFT's largest answer string
+TieBreak = Literal["seeded", "largest"]
 
 
 class Cluster(BaseModel):
@@ -44,6 +49,7 @@ def majority_vote(
     *,
     seed: int,
     problem_id: str,
+    tie_break: TieBreak = "seeded",
 ) -> Vote:
     """Cluster parsed answers by equivalence and return the biggest cluster's representative.
 
@@ -69,6 +75,9 @@ def majority_vote(
     tied = [c for c in clusters if len(c.members) == top]
     if len(tied) == 1:
         return Vote(answer=tied[0].answer, clusters=clusters)
+    if tie_break == "largest":
+        # MAFT sorts (count, answer) tuples and takes the last: the largest answer string among the tied
+        return Vote(answer=max(c.answer for c in tied), clusters=clusters, tie=True)
     digest = hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     return Vote(answer=rng.choice(tied).answer, clusters=clusters, tie=True)

@@ -4,9 +4,12 @@ The report gives each round's vote accuracy; this prints what lies behind those 
 the stored held-out transcripts of every method under a ``compare`` output directory:
 
 * per method and iteration, how the agents' answers moved from round 0 to the last round: right
-  to wrong, wrong to right, and to or from an abstention (a cut-off or unparsable reply);
-* paired differences (per held-out problem, with their standard error) between the round-0 vote
-  and the final vote of the same society, and between methods' round-0 votes.
+  to wrong, wrong to right, and to or from an abstention (a cut-off or unparsable reply). These
+  count agents, and the N agents of one problem are not independent: the counts describe, the
+  paired vote tests below decide;
+* paired differences (per held-out problem) between the round-0 vote and the final vote of the same
+  society, and between methods' round-0 votes, each with its SE and exact McNemar p-value, in the
+  one convention of the reports (:data:`agentsoc.stats.SE_CONVENTION`).
 
     .venv/bin/python bench/critic_effect.py runs/arithmetic-compare [--against single_agent_ft]
 """
@@ -14,12 +17,13 @@ the stored held-out transcripts of every method under a ``compare`` output direc
 from __future__ import annotations
 
 import argparse
-import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from agentsoc.config import load_recipe
+from agentsoc.evaluate import paired
+from agentsoc.stats import SE_CONVENTION, format_p, mcnemar_exact, verdict
 from agentsoc.store import RunStore
 from agentsoc.tasks import create
 from agentsoc.transcript import Transcript
@@ -27,19 +31,19 @@ from agentsoc.transcript import Transcript
 Equivalent = Callable[[str, str], bool]
 
 
-def outcome(answer: str | None, gold: str, equivalent: Equivalent) -> str:
+def outcome(answer: str | None, gold: str | None, equivalent: Equivalent) -> str:
     if answer is None:
         return "abstain"
-    return "right" if equivalent(answer, gold) else "wrong"
+    return "right" if gold is not None and equivalent(answer, gold) else "wrong"
 
 
-def paired(a: dict[str, bool], b: dict[str, bool]) -> str:
-    """Mean per-problem difference a − b (points) ± its standard error."""
-    d = [int(a[k]) - int(b[k]) for k in a if k in b]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
-    return f"{100 * mean:+.1f} ± {100 * sd / math.sqrt(n):.1f} (n={n})"
+def paired_test(a: dict[str, bool], b: dict[str, bool]) -> str:
+    """Mean per-problem difference a − b (points) ± its SE, the discordant counts and the exact
+    McNemar p-value, with the word the prose may use."""
+    d = paired(a, b)
+    p = mcnemar_exact(d.a_only, d.b_only)
+    counts = f"n={d.n}, {d.a_only}/{d.b_only} discordant"
+    return f"{100 * d.diff:+.1f} ± {100 * d.se:.1f} ({counts}, {format_p(p)}: {verdict(p, d.diff)})"
 
 
 def vote_correct(ts: dict[str, Transcript], rnd: int, equivalent: Equivalent) -> dict[str, bool]:
@@ -47,7 +51,7 @@ def vote_correct(ts: dict[str, Transcript], rnd: int, equivalent: Equivalent) ->
     out = {}
     for pid, t in ts.items():
         answer = t.vote.answer if rnd == -1 or not t.round_votes else t.round_votes[rnd].answer
-        out[pid] = answer is not None and equivalent(answer, t.problem.answer)
+        out[pid] = outcome(answer, t.problem.answer, equivalent) == "right"
     return out
 
 
@@ -57,12 +61,14 @@ def main() -> None:
     ap.add_argument("--reference", default="ours")
     ap.add_argument("--against", default="single_agent_ft", help="method whose round-0 votes are compared")
     args = ap.parse_args()
+    print(SE_CONVENTION)
     methods = sorted(p.name for p in args.compare_dir.iterdir() if (p / "run.sqlite").exists())
     round0: dict[str, dict[int, dict[str, bool]]] = {}
     for method in methods:
         run = args.compare_dir / method
         recipe = load_recipe(run / "recipe.toml")
-        task = create(recipe.task.name, recipe.task.options, base_dir=recipe.base_dir)
+        ev = recipe.evaluation.task or recipe.task  # held-out problems may be another task's (transfer)
+        task = create(ev.name, ev.options, base_dir=recipe.base_dir)
         store = RunStore.open(run, readonly=True)
         try:
             phases = [p for p in store.phases() if p.endswith("/eval")]
@@ -84,17 +90,17 @@ def main() -> None:
                     line += (
                         f"  right->wrong {moves['right->wrong']:3d}  wrong->right {moves['wrong->right']:3d}"
                         f"  right->abstain {moves['right->abstain']:3d}  abstain->right {moves['abstain->right']:3d}"
-                        f"  final vote - round-0 vote {paired(final, round0[method][it])}"
+                        f"  final vote - round-0 vote {paired_test(final, round0[method][it])}"
                     )
                 print(line)
         finally:
             store.close()
     ref, other = round0.get(args.reference, {}), round0.get(args.against, {})
     for it in sorted(set(ref) & set(other)):
-        print(f"round-0 vote, iter {it}: {args.reference} - {args.against} {paired(ref[it], other[it])}")
+        print(f"round-0 vote, iter {it}: {args.reference} - {args.against} {paired_test(ref[it], other[it])}")
     if ref:
-        first, last = min(ref), max(ref)
-        print(f"round-0 vote of {args.reference}, iter {last} - iter {first}: {paired(ref[last], ref[first])}")
+        lo, hi = min(ref), max(ref)
+        print(f"round-0 vote of {args.reference}, iter {hi} - iter {lo}: {paired_test(ref[hi], ref[lo])}")
 
 
 if __name__ == "__main__":

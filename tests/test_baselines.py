@@ -63,6 +63,12 @@ def test_method_switches() -> None:
     assert u.society.unique_id and u.finetune.share == "all"
     five = METHODS["agents_5"](r)
     assert five.society.agents == 5 and len(five.society.base_models()) == 5
+    # Table 4's other rows: the same baselines with 5 agents (heterogeneous models reused cyclically)
+    d5 = METHODS["debate_agents_5"](r)
+    assert (d5.society.agents, d5.society.rounds, d5.finetune.iterations) == (5, 2, 0)
+    assert d5.society.base_models() == ["mock:0.45", "mock:0.5", "mock:0.55", "mock:0.45", "mock:0.5"]
+    m5 = METHODS["majority_ft_agents_5"](r)
+    assert (m5.society.agents, m5.society.rounds, m5.finetune.share, m5.finetune.iterations) == (5, 1, "all", 1)
     t2 = METHODS["single_agent_ft_t2"](r)
     assert t2.evaluation.temperature == 2.0 and t2.sampling.temperature == 1.0 and t2.finetune.share == "all"
     assert METHODS["cooperative_base"](r).finetune.iterations == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,7 @@ def test_compare_cli(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "Multiagent FT (Ours)" in done.stdout and "Base" in done.stdout
+    assert re.search(r"\(\+\d+/−\d+, p [=<] [\d.]+\)", done.stdout)  # the paired Δ with its exact p-value
     assert (out / "report.md").exists() and (out / "compare.json").exists()
     bad = subprocess.run(
         [sys.executable, "-m", "agentsoc.cli", "compare", str(recipe), "--methods", "ours,nope", "--out", str(out)],
@@ -138,3 +140,78 @@ def test_table1_over_several_tasks(tmp_path: Path) -> None:
     assert "| Method | arithmetic (easy) | arithmetic (hard) |" in text
     assert "| Debate |" in text and "| Majority |" in text and "(easy/report.md)" in text
     assert (out / "easy" / "report.md").exists() and (out / "hard" / "report.md").exists()
+
+
+def test_reports_give_exact_paired_tests_in_one_stated_convention(compare_dir: Path) -> None:
+    from agentsoc.stats import SE_CONVENTION, format_p, mcnemar_exact
+    from agentsoc.store import RunStore
+    from agentsoc.tasks import create
+
+    text = render(compare_dir, plots=False).read_text()
+    assert text.count(SE_CONVENTION) == 1  # stated once per document
+    table = text.split("| Method |", 1)[1].split("\n\n", 1)[0]
+    assert table.count(", p = ") + table.count(", p < ") == 4  # every method but the reference
+    # recount the iteration-2 debate round of Ours from its stored transcripts, independently
+    store = RunStore.open(compare_dir / "ours", readonly=True)
+    try:
+        transcripts = list(store.transcripts("iter-2/eval").values())
+    finally:
+        store.close()
+    eq = create("arithmetic", {}).is_equivalent
+
+    def right(answer: str | None, truth: str | None) -> bool:
+        return answer is not None and truth is not None and eq(answer, truth)
+
+    final = [right(t.vote.answer, t.problem.answer) for t in transcripts]
+    first = [right(t.round_votes[0].answer, t.problem.answer) for t in transcripts]
+    b = sum(f and not r for f, r in zip(final, first, strict=True))
+    c = sum(r and not f for f, r in zip(final, first, strict=True))
+    section = text.split("## Paired tests", 1)[1].split("\n## ", 1)[0]
+    row = next(ln for ln in section.splitlines() if "final vote, iter 2 − round-0 vote, iter 2" in ln)
+    assert row.startswith("| Multiagent FT (Ours) |")
+    assert f"| {b} / {c} | {format_p(mcnemar_exact(b, c))} |" in row
+    assert "round-0 vote, iter 2 − round-0 vote, iter 0" in section  # what finetuning does
+    assert "final vote, iter 2 − final vote, iter 0" in section
+    run_text = render(compare_dir / "ours", plots=False).read_text()
+    assert SE_CONVENTION in run_text and "### Paired tests" in run_text and row.split("|", 2)[2] in run_text
+
+
+def test_a_report_without_its_task_data_renders_and_says_why(
+    compare_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agentsoc.tasks
+    from agentsoc.tasks.base import DataError
+
+    def gone(*_: object, **__: object) -> None:
+        raise DataError("task 'arithmetic': option 'path': no such file or directory: /moved/data.jsonl")
+
+    monkeypatch.setattr(agentsoc.tasks, "create", gone)
+    text = render(compare_dir / "ours", plots=False).read_text()
+    assert "paired tests left out: the evaluation task cannot be built here" in text and "/moved/data.jsonl" in text
+    assert "| iter | debate (final vote) |" in text  # the rest of the report is still there
+
+
+def test_bench_scripts_read_a_stored_comparison(compare_dir: Path) -> None:
+    """critic_effect prints the transitions and the same paired tests as the report; kl_from_base
+    scores Figure 8's drift through the run's own backend."""
+    root = Path(__file__).resolve().parents[1]
+    effect = subprocess.run(
+        [sys.executable, str(root / "bench" / "critic_effect.py"), str(compare_dir)], capture_output=True, text=True
+    )
+    assert effect.returncode == 0, effect.stderr
+    ours2 = next(ln for ln in effect.stdout.splitlines() if ln.startswith("ours") and "iter 2" in ln)
+    assert "right->wrong" in ours2 and "wrong->right" in ours2 and "discordant" in ours2
+    report = render(compare_dir / "ours", plots=False).read_text()
+    row = next(ln for ln in report.splitlines() if "final vote, iter 2 − round-0 vote, iter 2" in ln)
+    b, c = row.split("|")[4].strip().split(" / ")
+    assert f"{b}/{c} discordant" in ours2  # one convention, one count, in both tools
+    kl = subprocess.run(
+        [sys.executable, str(root / "bench" / "kl_from_base.py"), str(compare_dir / "ours"), "--problems", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert kl.returncode == 0, kl.stderr
+    rows = [ln.split() for ln in kl.stdout.splitlines()[1:]]
+    assert {r[0] for r in rows} == {"iter-0", "iter-1", "iter-2"}
+    assert all(float(r[3]) == 0.0 for r in rows if r[0] == "iter-0")  # the base model itself
+    assert any(float(r[3]) > 0 for r in rows if r[0] == "iter-2")

@@ -52,7 +52,7 @@ PARSE_CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), PARSE_CASES)
 def test_parse_answer(text: str, expected: str | None) -> None:
-    assert Gsm8kTask(Path("unused.jsonl")).parse_answer(text) == expected
+    assert Gsm8kTask().parse_answer(text) == expected
 
 
 #: critic replies that restate another agent's answer (written in the phrasing the local model's critics and
@@ -74,7 +74,44 @@ CRITIC_CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), CRITIC_CASES)
 def test_parse_critic_reply_takes_the_agents_own_answer(text: str, expected: str | None) -> None:
-    assert Gsm8kTask(Path("unused.jsonl")).parse_answer(text) == expected
+    assert Gsm8kTask().parse_answer(text) == expected
+
+
+#: issue 17: a critic that quotes another agent's \boxed{} is read as its own box, never the quoted one; and
+#: thousands grouped by spaces (plain, thin, no-break, LaTeX ``\,``) are one number
+OWN_BOX_AND_SPACES_CASES = [
+    ("My answer is \\boxed{18}. Agent 2's \\boxed{20} is incorrect", "18"),
+    ("My answer is \\boxed{18}. Agent 2's \\boxed{20} is incorrect because it forgot the 4 muffins.", "18"),
+    (
+        "Agent 2's $\\boxed{20}$ double-counts the muffins. Janet sells 16 - 3 - 4 = 9 eggs at $2 each, so she makes "
+        "\\boxed{18} dollars.",
+        "18",
+    ),
+    (
+        "Looking at the other agents' solutions: one agent got \\boxed{20} and another got \\boxed{18}. Recomputing: "
+        "16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n\nFinal answer: \\boxed{18}",
+        "18",
+    ),
+    ("Agent 1's answer, \\boxed{20}, is wrong: she uses 4 eggs for muffins. 9 * 2 = 18, so the answer is 18.", "18"),
+    ("I get \\boxed{7}, whereas Agent 3's \\boxed{8} counts the last day twice.", "7"),
+    ("Both agents got \\boxed{18}, and I agree.", "18"),  # nothing of its own: it adopts what it quotes
+    ("The distance is 1 000 000 meters.", "1000000"),
+    ("So the answer is 1 000 000.", "1000000"),
+    ("The distance is 1 000 000 meters, so the answer is \\boxed{1 000 000}.", "1000000"),
+    ("In total the company earns 1\u2009250\u2009000 dollars.", "1250000"),
+    ("The population grows to 2\u202f400 people.", "2400"),
+    ("It costs 3\u00a0500 dollars.", "3500"),
+    ("He pays $1\\,200 in rent.", "1200"),
+    ("So the farmer has 1 500 chickens.", "1500"),
+    ("Agent 2 says the total is 1 000; after adding the 200 bonus I get 1 200.", "1200"),
+    ("The numbers 3 4 5 add up to 12.", "12"),  # single digits are a list, not thousands
+    ("She buys 12 345 678 stamps? No: 12 packs of 345 stamps, so 4140.", "4140"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), OWN_BOX_AND_SPACES_CASES)
+def test_own_box_wins_and_spaced_thousands(text: str, expected: str | None) -> None:
+    assert Gsm8kTask().parse_answer(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -83,7 +120,7 @@ def test_parse_critic_reply_takes_the_agents_own_answer(text: str, expected: str
      ("0.75", "3/4", True), ("1/3", "0.333333", True), ("1/3", "0.33", False), ("x", "x", True), ("x", "1", False)],
 )  # fmt: skip
 def test_is_equivalent_with_tolerance_and_symmetric(a: str, b: str, same: bool) -> None:
-    task = Gsm8kTask(Path("unused.jsonl"))
+    task = Gsm8kTask()
     assert task.is_equivalent(a, b) is same
     assert task.is_equivalent(b, a) is same
 
@@ -150,14 +187,14 @@ def test_bad_lines_name_file_line_and_field(tmp_path: Path, line: str, message: 
 def test_options(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^task 'gsm8k': .*unknown option 'pth' \(did you mean 'path'\?\)"):
         create("gsm8k", {"pth": "x.jsonl"})
-    with pytest.raises(ValueError, match="task 'gsm8k': missing option 'path'"):
+    with pytest.raises(ValueError, match="task 'gsm8k': option 'path': missing; give a local file, or 'hf_dataset'"):
         create("gsm8k", {})
     with pytest.raises(ValueError, match=r"task 'gsm8k': option 'path': no such file or directory: .*nope\.jsonl"):
         create("gsm8k", {"path": "nope.jsonl"}, base_dir=tmp_path)
 
 
 def test_preset_renders_verbatim() -> None:
-    prompts = Gsm8kTask(Path("unused.jsonl")).prompts
+    prompts = Gsm8kTask().prompts
     fields = {"question": "What is 2+2?"}
     assert fill(prompts.round0, fields) == (
         "Can you solve the following math problem? What is 2+2? Explain your reasoning. Your final answer should "

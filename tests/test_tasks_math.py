@@ -55,7 +55,35 @@ PARSE_CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), PARSE_CASES)
 def test_parse_answer(text: str, expected: str | None) -> None:
-    assert MathTask(Path("unused.jsonl")).parse_answer(text) == expected
+    assert MathTask().parse_answer(text) == expected
+
+
+#: issue 17: critic replies that quote other agents' boxes before (or after) their own
+CRITIC_CASES = [
+    ("My answer is \\boxed{18}. Agent 2's \\boxed{20} is incorrect", "18"),
+    (
+        "Agent 1 concluded $\\boxed{\\frac{1}{2}}$, but the probability of two heads is $\\frac{1}{4}$. "
+        "Final answer: $\\boxed{\\frac{1}{4}}$",
+        "\\frac{1}{4}",
+    ),
+    ("- Agent 1: \\boxed{3}\n- Agent 2: \\boxed{5}\n- My check: $x^2 = 9$ gives $x = 3$.\n\n\\boxed{3}", "3"),
+    ("- Agent 1: \\boxed{3}\n- Agent 2: \\boxed{5}\n\nI agree with agent 1, since $x = 3$: \\boxed{3}", "3"),
+    (
+        "The other agents' answer of $\\boxed{12}$ misses the case $x=0$. Counting it, there are $\\boxed{13}$ "
+        "solutions.",
+        "13",
+    ),
+    ("I get \\boxed{7}, whereas Agent 3's \\boxed{8} counts the endpoint twice.", "7"),
+    ("My final answer is $\\boxed{(2, 3)}$. One agent's answer, $\\boxed{(3, 2)}$, swaps the coordinates.", "(2,3)"),
+    ("Both agents arrived at $\\boxed{5}$, and I agree.", "5"),  # nothing of its own: it adopts what it quotes
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CRITIC_CASES)
+def test_parse_critic_reply_takes_the_agents_own_box(text: str, expected: str) -> None:
+    task = MathTask()
+    parsed = task.parse_answer(text)
+    assert parsed is not None and task.is_equivalent(parsed, expected)
 
 
 EQUIVALENT = [
@@ -222,7 +250,7 @@ def test_option_errors(tmp_path: Path, options: dict[str, object], message: str)
 
 
 def test_preset_is_the_maft_text() -> None:
-    prompts = MathTask(Path("unused.jsonl")).prompts
+    prompts = MathTask().prompts
     fields = {"question": "What is $1+1$?"}
     assert fill(prompts.round0, fields) == (
         "Can you solve the following math problem? What is $1+1$? Provide a bullet point summary of your reasoning. "

@@ -52,7 +52,7 @@ PARSE_CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), PARSE_CASES)
 def test_parse_answer(text: str, expected: str | None) -> None:
-    assert MmluTask(Path("unused.csv")).parse_answer(text) == expected
+    assert MmluTask().parse_answer(text) == expected
 
 
 #: critic replies that quote the other agents before giving their own letter. Written by hand (the bundled
@@ -67,16 +67,34 @@ CRITIC_CASES = [
     ("The answer is (B). One agent chose (A)", "B"),
     ("The other agents' answers were (A) and (B). My answer is (B) because the rate doubles.", "B"),
     ("Both agents chose (B), and I agree.", "B"),
+    # issue 17: statements and choices the parser missed, and an option ruled out read as the answer
+    ("The correct answer is option D", "D"),
+    ("I'd go with D) 42 kg", "D"),
+    ("Both agents chose B, and I agree", "B"),
+    ("The best answer is C. Vitamin C deficiency causes bleeding gums, not scurvy (A).", "C"),
+    ("The best answer is C. … not scurvy (A)", "C"),
+    (
+        "Agent 1 picked (A) and agent 2 picked (B). Examining it again, the mitochondria make ATP, so I choose (C).",
+        "C",
+    ),
+    ("One agent's answer is (B), but that confuses mass with weight. The correct answer is option **D**.", "D"),
+    ("After reviewing the other solutions, I'll go with B) Paris.", "B"),
+    ("The other agents' answers were (A) and (D). I agree with the second agent: (D)", "D"),
+    ("The answer is (B), rather than (C).", "B"),
+    ("Both other agents selected (C), and after checking the math I also select (C).", "C"),
+    ("It is not (A) but (C)", "C"),
+    ("My final answer: **B**", "B"),
+    ("Agent 2 went with C, which ignores the tax. I'd settle on A) 12%.", "A"),
 ]
 
 
 @pytest.mark.parametrize(("text", "expected"), CRITIC_CASES)
 def test_parse_critic_reply_takes_the_agents_own_answer(text: str, expected: str | None) -> None:
-    assert MmluTask(Path("unused.csv")).parse_answer(text) == expected
+    assert MmluTask().parse_answer(text) == expected
 
 
 def test_is_equivalent() -> None:
-    task = MmluTask(Path("unused.csv"))
+    task = MmluTask()
     assert task.is_equivalent("B", "B") and task.is_equivalent("b", "B") and task.is_equivalent("B", "b")
     assert not task.is_equivalent("A", "B")
 
@@ -123,7 +141,7 @@ def test_options(tmp_path: Path) -> None:
 
 
 def test_preset_renders_verbatim() -> None:
-    prompts = MmluTask(Path("unused.csv")).prompts
+    prompts = MmluTask().prompts
     fields = {"question": "Capital of France", "a": "Paris", "b": "Rome", "c": "Oslo", "d": "Bern"}
     assert fill(prompts.round0, fields) == (
         "Can you answer the following question as accurately as possible? Capital of France: A) Paris, B) Rome, "

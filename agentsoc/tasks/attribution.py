@@ -75,10 +75,11 @@ _LABEL = re.compile(
     r"(?:" + _APOSTROPHE_S + r"\s+(?:[\w-]+\s+)?" + _NOUN + r")?[*_]*\s*:",
     re.IGNORECASE | re.MULTILINE,
 )
-#: inside a sentence: a possessive ("agent 2's answer", "their answer") or a debater as the subject of a
-#: reporting verb ("Agent 2 says", "both agents, on the other hand, got")
+#: inside a sentence: a possessive ("agent 2's answer", "their answer", "Agent 2's \boxed{20}") or a debater as
+#: the subject of a reporting verb ("Agent 2 says", "both agents, on the other hand, got")
 _MARKER = re.compile(
-    r"(?:" + _PARTY_OR_SUMMARY + r"|\bother)" + _APOSTROPHE_S + r"\s+(?:[\w-]+\s+){0,2}?" + _NOUN
+    r"(?:" + _PARTY_OR_SUMMARY + r"|\bother)" + _APOSTROPHE_S
+    + r"(?:\s+(?:[\w-]+\s+){0,2}?" + _NOUN + r"|\s*\$?\s*\\(?:boxed|fbox)\b)"
     + r"|\b(?:their|his|her)\s+(?:[\w-]+\s+)?(?:answer|solution|response|choice|opinion|conclusion|reasoning)s?\b"
     + r"|" + _PARTY_OR_SUMMARY + _GAP + _VERB,
     re.IGNORECASE,

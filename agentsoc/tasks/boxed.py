@@ -8,17 +8,21 @@ the small scanner.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 
 
-def last_boxed(text: str) -> str | None:
+def last_boxed(text: str, skip: Callable[[int], bool] | None = None) -> str | None:
     """Content of the last ``\\boxed{..}``/``\\fbox{..}`` (or ``\\boxed 5``); ``None`` if absent.
 
     An unclosed brace (a truncated response) yields ``None`` for that box and the search moves to
-    the previous one, so a cut-off answer never passes for a complete one.
+    the previous one, so a cut-off answer never passes for a complete one. ``skip(position)`` leaves
+    out boxes by where they start: a critic's restatement of another agent's box is not its own.
     """
     for match in reversed(list(_BOX.finditer(text))):
+        if skip is not None and skip(match.start()):
+            continue
         content = _box_content(text, match.end())
         if content is not None:
             return content

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +78,13 @@ def text_field(record: dict[str, Any], field: str, location: str) -> str:
 def split(
     task: str,
     pool: Sequence[Problem],
-    source: Path,
+    source: str | Path,
     n_train: int,
     n_test: int,
     seed: int,
     *,
     test_pool: Sequence[Problem] | None = None,
-    test_source: Path | None = None,
+    test_source: str | Path | None = None,
 ) -> Split:
     """Seeded, disjoint train/held-out problems.
 
@@ -106,20 +106,6 @@ def split(
     return Split(train=tuple(train_pool[:n_train]), test=tuple(held_out[:n_test]))
 
 
-def load_files(
-    task: str,
-    read: Callable[[Path], list[Problem]],
-    path: Path,
-    test_path: Path | None,
-    n_train: int,
-    n_test: int,
-    seed: int,
-) -> Split:
-    """The ``load`` of every file-backed task: one file split by seed, or a separate held-out file."""
-    test_pool = read(test_path) if test_path else None
-    return split(task, read(path), path, n_train, n_test, seed, test_pool=test_pool, test_source=test_path)
-
-
 def _unique(problems: Sequence[Problem]) -> list[Problem]:
     seen: set[str] = set()
     out = []
@@ -136,6 +122,6 @@ def _shuffled(problems: list[Problem], seed: int) -> list[Problem]:
     return out
 
 
-def _require(task: str, source: Path, have: int, need: int, what: str) -> None:
+def _require(task: str, source: str | Path, have: int, need: int, what: str) -> None:
     if have < need:
         raise DataError(f"task '{task}': {source} has {have} distinct problems, fewer than {what} requested")

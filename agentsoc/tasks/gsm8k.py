@@ -1,4 +1,7 @@
-"""GSM8K: grade-school word problems from JSONL (``question``, ``answer`` ending in ``#### <number>``)."""
+"""GSM8K: grade-school word problems (``question``, ``answer`` ending in ``#### <number>``).
+
+From a JSONL file or from the hub (``openai/gsm8k``, config ``main``), whose rows have the same fields.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks import numeric
 from agentsoc.tasks.base import DataError, Problem, Split
-from agentsoc.tasks.files import load_files, read_records, stable_id, text_field
-from agentsoc.tasks.options import resolve_path
+from agentsoc.tasks.files import read_records, stable_id, text_field
+from agentsoc.tasks.source import DataOptions, DataSource, Reader, Records, load_split
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
 NAME = "gsm8k"
@@ -40,27 +41,17 @@ PRESET = PromptSet(
 _GROUND_TRUTH = re.compile(r"####\s*(?P<number>[-−]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*$")
 
 
-class Options(BaseModel):
-    """``path``: the problems; ``test_path``: optional separate held-out problems."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    path: Path
-    test_path: Path | None = None
-
-
 class Gsm8kTask:
     """GSM8K word problems; answers are numbers, compared with tolerance."""
 
     name = NAME
 
-    def __init__(self, path: Path, test_path: Path | None = None) -> None:
-        self.path = path
-        self.test_path = test_path
+    def __init__(self, data: DataSource | None = None) -> None:
+        self.data = data
         self.prompts = PRESET
 
     def load(self, n_train: int, n_test: int, seed: int) -> Split:
-        return load_files(NAME, read_problems, self.path, self.test_path, n_train, n_test, seed)
+        return load_split(Reader(NAME, read_problems, problems_from_records), self.data, n_train, n_test, seed)
 
     def parse_answer(self, text: str) -> str | None:
         return numeric.parse_number(text)
@@ -71,8 +62,13 @@ class Gsm8kTask:
 
 def read_problems(path: Path) -> list[Problem]:
     """Every problem of a GSM8K JSONL file; the ground truth is the number after ``####``."""
+    return problems_from_records(read_records(path))
+
+
+def problems_from_records(records: Records) -> list[Problem]:
+    """Problems from GSM8K records (file lines or ``openai/gsm8k`` rows)."""
     problems = []
-    for location, record in read_records(path):
+    for location, record in records:
         question = text_field(record, "question", location)
         answer = text_field(record, "answer", location)
         match = _GROUND_TRUTH.search(answer.strip())
@@ -85,6 +81,4 @@ def read_problems(path: Path) -> list[Problem]:
 
 def create(options: Mapping[str, Any], base_dir: Path | None = None) -> Gsm8kTask:
     """The task from recipe options; relative paths resolve against ``base_dir``."""
-    opts = parse_options(f"task '{NAME}'", Options, options)
-    test_path = resolve_path(NAME, "test_path", opts.test_path, base_dir) if opts.test_path else None
-    return Gsm8kTask(resolve_path(NAME, "path", opts.path, base_dir), test_path)
+    return Gsm8kTask(parse_options(f"task '{NAME}'", DataOptions, options).source(NAME, base_dir))

@@ -1,7 +1,8 @@
 """MATH (Hendrycks et al.): competition problems; the answer is the last ``\\boxed{}`` of a solution.
 
 Prompts are MAFT's own (algorithm.md §2.3), typos kept because they produced the reported numbers.
-The reference uses levels 1-3 of the MATH test split; ``levels`` selects them from any copy.
+The reference uses levels 1-3 of the MATH test split; ``levels`` selects them from any copy: a JSONL
+file, or the hub's ``EleutherAI/hendrycks_math`` (one config per subject, same fields).
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
 from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks import math_equiv
+from agentsoc.tasks.attribution import quoted_spans, within
 from agentsoc.tasks.base import DataError, Problem, Split
 from agentsoc.tasks.boxed import last_boxed
-from agentsoc.tasks.files import load_files, read_records, stable_id, text_field
-from agentsoc.tasks.options import resolve_path
+from agentsoc.tasks.files import read_records, stable_id, text_field
+from agentsoc.tasks.source import DataOptions, DataSource, Reader, Records, load_split
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
 NAME = "math"
@@ -45,13 +47,9 @@ PRESET = PromptSet(
 _LEVEL = re.compile(r"^Level\s*(\d)$")
 
 
-class Options(BaseModel):
-    """``path``/``test_path``: JSONL or a JSON list; ``levels``: e.g. ``[1, 2, 3]`` (default: all)."""
+class Options(DataOptions):
+    """The data options (JSONL, a JSON list or a dataset) and ``levels``: e.g. ``[1, 2, 3]`` (default: all)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    path: Path
-    test_path: Path | None = None
     levels: tuple[int, ...] | None = None
 
     @field_validator("levels")
@@ -67,20 +65,28 @@ class MathTask:
 
     name = NAME
 
-    def __init__(self, path: Path, test_path: Path | None = None, levels: tuple[int, ...] | None = None) -> None:
-        self.path = path
-        self.test_path = test_path
+    def __init__(self, data: DataSource | None = None, levels: tuple[int, ...] | None = None) -> None:
+        self.data = data
         self.levels = levels
         self.prompts = PRESET
 
     def load(self, n_train: int, n_test: int, seed: int) -> Split:
-        def read(path: Path) -> list[Problem]:
+        def from_file(path: Path) -> list[Problem]:
             return read_problems(path, self.levels)
 
-        return load_files(NAME, read, self.path, self.test_path, n_train, n_test, seed)
+        def from_rows(records: Records) -> list[Problem]:
+            return problems_from_records(records, self.levels)
+
+        return load_split(Reader(NAME, from_file, from_rows), self.data, n_train, n_test, seed)
 
     def parse_answer(self, text: str) -> str | None:
-        boxed = last_boxed(text)
+        """The agent's own last ``\\boxed{}``: a critic's restatement of another agent's box ("Agent 2's
+        \\boxed{20} is incorrect", "Agent 1 concluded \\boxed{5}, but ...") is skipped, unless the reply
+        has no box of its own ("Both agents got \\boxed{5}, and I agree." adopts 5)."""
+        quoted = quoted_spans(text)
+        boxed = last_boxed(text, skip=lambda position: within(quoted, position))
+        if boxed is None:
+            boxed = last_boxed(text)
         normal = math_equiv.normalize(boxed) if boxed is not None else ""
         return normal or None
 
@@ -90,8 +96,13 @@ class MathTask:
 
 def read_problems(path: Path, levels: tuple[int, ...] | None = None) -> list[Problem]:
     """The problems of a MATH file at the given levels; the ground truth is the solution's last box."""
+    return problems_from_records(read_records(path), levels)
+
+
+def problems_from_records(records: Records, levels: tuple[int, ...] | None = None) -> list[Problem]:
+    """Problems at the given levels from MATH records (file lines or ``EleutherAI/hendrycks_math`` rows)."""
     problems = []
-    for location, record in read_records(path):
+    for location, record in records:
         question = text_field(record, "problem", location)
         solution = text_field(record, "solution", location)
         level = _level(record, location, required=levels is not None)
@@ -125,5 +136,4 @@ def _level_number(level: str) -> int | None:
 def create(options: Mapping[str, Any], base_dir: Path | None = None) -> MathTask:
     """The task from recipe options; relative paths resolve against ``base_dir``."""
     opts = parse_options(f"task '{NAME}'", Options, options)
-    test_path = resolve_path(NAME, "test_path", opts.test_path, base_dir) if opts.test_path else None
-    return MathTask(resolve_path(NAME, "path", opts.path, base_dir), test_path, opts.levels)
+    return MathTask(opts.source(NAME, base_dir), opts.levels)

@@ -29,7 +29,9 @@ _NUMBER = re.compile(
     (?:(?<![\w)\]}])(?P<sign>[-−]))?      # a unary minus; "10-3" is a subtraction, not -3
     (?:\\?\$\s?)?                          # a currency sign, LaTeX-escaped or not
     (?<![\w.])                             # not the tail of a word or of another number
-    (?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)  # a comma separates thousands only in groups of three
+    (?P<int>\d{1,3}(?:,\d{3})+(?!\d)     # a comma separates thousands only in groups of three,
+      |\d{1,3}(?:(?:[ \u00a0\u2009\u202f]|\\[,;!\ ])\d{3})+(?![\d,])  # so do spaces: "1 000 000", "1\\,000"
+      |\d+)
     (?:\.(?P<frac>\d+))?
     (?!\d)
     """,
@@ -53,6 +55,8 @@ _CONCLUSION = re.compile(
 #: "4." or "4)", which open the next item of a list that max_tokens cut off
 _BARE_NUMBER = re.compile(r"[\s*_$\\(){}\[\]]*[-−]?\$?\d[\d,]*(?:\.\d+)?(?![.)]\s*$)[\s*_$\\.)\]{}]*")
 _FRACTION = re.compile(r"^(?P<sign>[-−]?)(?:\\[dt]?frac\{(?P<n1>\d+)\}\{(?P<d1>\d+)\}|(?P<n2>\d+)/(?P<d2>\d+))$")
+#: thousands separators inside a number literal: commas, spaces (plain, no-break, thin) and LaTeX spacing
+_SEPARATORS = re.compile(r"[,\s\u00a0\u2009\u202f]|\\[,;! ]")
 _LATEX_NOISE = re.compile(r"\\text\{[^{}]*\}|\\[,!;: ]|\\%|%|\\left|\\right")
 
 
@@ -61,22 +65,26 @@ def parse_number(text: str) -> str | None:
 
     Order of evidence: the last ``\\boxed{}`` holding a number; a concluding last sentence
     ("Therefore, 312.", "I get 312 as final"); an "answer is"/"answer:" cue near the end; an ``=`` near
-    the end; the last number. Apart from the box, evidence inside a restatement of another agent's
-    answer is skipped; only a response that has nothing of its own is read with its restatements
-    (never with the number in an agent's name).
+    the end; the last number. Evidence inside a restatement of another agent's answer is skipped, boxes
+    included ("My answer is \\boxed{18}. Agent 2's \\boxed{20} is incorrect" is 18); only a response
+    that has nothing of its own is read with its restatements (never with the number in an agent's name).
     """
     text = text.replace("{,}", ",")
-    boxed = last_boxed(text)
-    if boxed is not None:
-        found = _number_in_box(boxed)
-        if found is not None:
-            return found
-    found = _final_statement(text, quoted_spans(text))
+    quoted = quoted_spans(text)
+    found = _boxed_number(text, quoted)
     if found is None:
-        # an agent that only restates others ("Agent 2's answer is 310 and I agree.") adopts their answer;
-        # the 2 of "I agree with Agent 2." is nobody's answer
-        found = _final_statement(text, name_spans(text))
+        found = _final_statement(text, quoted)
+    if found is None:
+        # an agent that only restates others ("Agent 2's answer is 310 and I agree.", "Both agents got
+        # \boxed{18}; I agree") adopts their answer; the 2 of "I agree with Agent 2." is nobody's answer
+        found = _boxed_number(text, []) or _final_statement(text, name_spans(text))
     return found
+
+
+def _boxed_number(text: str, quoted: list[range]) -> str | None:
+    """The number in the last ``\\boxed{}`` outside ``quoted`` ("Agent 2's \\boxed{20} is wrong" is not one)."""
+    boxed = last_boxed(text, skip=lambda position: within(quoted, position))
+    return _number_in_box(boxed) if boxed is not None else None
 
 
 def is_equivalent(a: str, b: str) -> bool:
@@ -184,7 +192,7 @@ def _first_number(text: str) -> str | None:
 
 
 def _canonical(match: re.Match[str]) -> str:
-    digits = match["int"].replace(",", "") + ("." + match["frac"] if match["frac"] else "")
+    digits = _SEPARATORS.sub("", match["int"]) + ("." + match["frac"] if match["frac"] else "")
     value = Fraction(Decimal(digits))
     return canonical(-value if match["sign"] else value)
 
