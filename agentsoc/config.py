@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agentsoc.backend import Backend
 from agentsoc.options import OptionsError
 from agentsoc.types import FinetuneSpec, Sampling
+from agentsoc.vote import TieBreak
 
 if TYPE_CHECKING:
     from backends.options import BackendOptions
@@ -40,9 +43,15 @@ RUNTIME_FIELDS = (
     "backend.max_attempts",
     "backend.max_backoff_s",
     "backend.poll_interval_s",
+    "backend.job_patience_s",
     "backend.max_active_jobs",
     "backend.max_job_attempts",
 )
+
+
+#: fields added after runs already existed, with the default that does what those runs did: left out of
+#: the fingerprint at that default, so a run started before the field existed still resumes
+LATER_DEFAULTS: dict[str, Any] = {"society.tie_break": "seeded"}
 
 
 def differing_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -83,6 +92,9 @@ class BackendConfig(_Section):
     max_backoff_s: float = Field(default=30.0, gt=0)
     #: seconds between two polls of a fine-tuning job
     poll_interval_s: float = Field(default=10.0, gt=0)
+    #: seconds a fine-tuning job call (submit, poll) may keep failing before the run stops; the first
+    #: failure is told at once. A job trains on meanwhile, and a resumed run picks it up by its key
+    job_patience_s: float = Field(default=600.0, gt=0)
     #: attempts per fine-tuning job: a job that fails transiently (a server error) is submitted again,
     #: under a new key, until this many have failed; a permanent failure is never retried
     max_job_attempts: int = Field(default=3, ge=1)
@@ -113,6 +125,9 @@ class SocietyConfig(_Section):
     #: a reply cut off at sampling.max_tokens abstains from the vote and from training data (our
     #: rule: its last number is an intermediate result); false reads it anyway, as the paper did
     abstain_truncated: bool = True
+    #: how a tied vote is decided: "seeded", a draw seeded by (seed, problem) (ours: fair to every agent),
+    #: or "largest", the largest answer string among the tied (MAFT's code, for paper reproductions)
+    tie_break: TieBreak = "seeded"
 
     @model_validator(mode="after")
     def _models_match_agents(self) -> SocietyConfig:
@@ -183,6 +198,12 @@ class EvaluationConfig(_Section):
     diversity_problems: int = Field(default=50, ge=1)
 
 
+#: numpy's seed range (``RandomState`` draws the arithmetic problems): 0 … 2**32 − 1
+SEED_MAX = 2**32 - 1
+#: societies larger than this get a warning with the dry run's cost (the paper debates with 3; 5 at most)
+LARGE_SOCIETY = 10
+
+
 class Recipe(_Section):
     """A whole experiment."""
 
@@ -207,6 +228,13 @@ class Recipe(_Section):
             raise ValueError("must be a non-empty file-name-safe string")
         return v
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, v: int) -> int:
+        if not 0 <= v <= SEED_MAX:
+            raise ValueError(f"must be a whole number from 0 to {SEED_MAX} (numpy's seed range)")
+        return v
+
     def results_view(self) -> dict[str, Any]:
         """The recipe less what does not change results: where the file lives, how many calls fly at
         once, how patient retries and polls are (:data:`RUNTIME_FIELDS`, and the backend options
@@ -215,6 +243,10 @@ class Recipe(_Section):
         for dotted in RUNTIME_FIELDS:
             section, field = dotted.split(".")
             data[section].pop(field, None)
+        for dotted, default in LATER_DEFAULTS.items():
+            section, field = dotted.split(".")
+            if data[section].get(field) == default:
+                data[section].pop(field)
         data["backend"]["options"] = backend_options(self).results_view()
         return data
 
@@ -229,7 +261,11 @@ class Recipe(_Section):
 
 
 #: backends that finetune open models themselves (the paper finetuned those in full)
-OPEN_MODEL_BACKENDS = ("local", "vllm", "auto")
+OPEN_MODEL_BACKENDS = ("local", "vllm", "auto", "tinker")
+#: the paper's effective training batch for open models (ft.sh: 3 per device x 16 accumulation x 4 GPUs)
+PAPER_OPEN_BATCH = 192
+#: OpenAI's GPT models, base or finetuned: the paper sampled them without max_tokens
+_GPT = re.compile(r"^(?:ft:)?gpt-")
 
 
 def paper_deviations(recipe: Recipe) -> list[str]:
@@ -253,6 +289,29 @@ def paper_deviations(recipe: Recipe) -> list[str]:
         out.append("finetune.spec.method = lora: LoRA adapters (paper: full finetuning of open models)")
     if recipe.prompts:
         out.append(f"prompts: {', '.join(sorted(recipe.prompts))} differ from the task's paper preset")
+    if recipe.society.tie_break == "seeded":
+        out.append(
+            "society.tie_break = seeded: a tied vote is decided by a draw seeded by (seed, problem) "
+            "(paper's code: the largest answer string, tie_break = largest)"
+        )
+    if any(_GPT.match(m) for m in recipe.society.base_models()):
+        out.append(
+            f"sampling.max_tokens = {recipe.sampling.max_tokens}: GPT replies are capped (paper: no cap; the cap keeps "
+            "OpenAI's per-minute token budget, which counts max_tokens, from throttling the run)"
+        )
+    spec = recipe.finetune.spec
+    batch = spec.batch_size * spec.gradient_accumulation_steps
+    if recipe.backend.name in OPEN_MODEL_BACKENDS and batch != PAPER_OPEN_BATCH:
+        out.append(
+            f"finetune.spec: effective batch {batch} (batch_size {spec.batch_size} x gradient_accumulation_steps "
+            f"{spec.gradient_accumulation_steps}) (paper's open models: {PAPER_OPEN_BATCH} = 3 x 16 x 4 GPUs, "
+            "1-3 optimizer steps on a few hundred examples)"
+        )
+    if recipe.selection.label == "ground_truth" and not recipe.finetune.from_base and recipe.finetune.iterations > 1:
+        out.append(
+            "finetune.from_base = false with ground-truth labels (STaR): each iteration continues from the "
+            "previous model (STaR restarts from the base model every iteration; finetune.from_base = true)"
+        )
     return out
 
 
@@ -260,7 +319,10 @@ def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        if isinstance(value, float) and not math.isfinite(value):
+            msg = f"must be a finite number, not {value}"  # pydantic would say "less than or equal to 2" of nan
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
 
@@ -309,11 +371,47 @@ def load_recipe(path: str | Path) -> Recipe:
         ) from None
     except IsADirectoryError:
         raise RecipeError(f"{p}: is a directory; give a recipe's .toml file") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"{p}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); save it as UTF-8"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{p}: invalid TOML: {e}") from None
     return recipe_from_dict(data, source=str(p), base_dir=p.resolve().parent)
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """What a recipe allows but a person most likely did not mean, one line each (printed at start).
+
+    One agent has no debate and no vote (the method needs several); a society far beyond the
+    paper's size multiplies every call, so the warning carries the dry run's count and cost.
+    """
+    out = []
+    agents = recipe.society.agents
+    if agents == 1:
+        out.append(
+            "society.agents = 1: one agent has no debate and no majority vote; this finetunes a single agent "
+            "on its own answers (use 3, the paper's society, for multiagent finetuning)"
+        )
+    elif agents > LARGE_SOCIETY:
+        from agentsoc.estimate import estimate  # lazily: the estimate imports this module
+        from agentsoc.pricing import format_usd
+
+        try:
+            stages, _ = estimate(recipe)
+        except Exception:  # the warning must not fail the run: say it without the numbers
+            cost = "see agentsoc run RECIPE --dry-run"
+        else:
+            dollars = None if any(s.dollars is None for s in stages) else sum(s.dollars or 0.0 for s in stages)
+            usd = "an unknown cost (no price for the model)" if dollars is None else format_usd(dollars)
+            cost = f"the dry run estimates {sum(s.calls for s in stages):,} chat calls, {usd}"
+        out.append(
+            f"society.agents = {agents}: far beyond the paper's 3 (5 at most); every problem costs "
+            f"{agents} x {recipe.society.rounds} rounds of calls — {cost}"
+        )
+    return out
 
 
 # The registry lookups: the only place in the core that reaches into ``backends/`` (DESIGN §2),
@@ -345,5 +443,9 @@ def check_backend(recipe: Recipe, source: str = "<recipe>") -> None:
 
 def create_backend(recipe: Recipe, run_dir: Path) -> Backend:
     import backends
+    from backends.options import SocietyShape
 
-    return backends.create(recipe.backend.name, backend_options(recipe), run_dir)
+    s, f = recipe.society, recipe.finetune
+    roles = 1 if f.share == "all" or not s.critic else 2  # "all": one model on both roles' data
+    shape = SocietyShape(agents=s.agents if f.share == "none" else 1, roles=roles)
+    return backends.create(recipe.backend.name, backend_options(recipe), run_dir, society=shape)

@@ -17,9 +17,10 @@ import importlib
 import math
 from dataclasses import dataclass
 
-from agentsoc.config import Recipe, backend_options
+from agentsoc.config import Recipe, backend_options, paper_deviations
 from agentsoc.debate import debate_message, summarizer_request
-from agentsoc.pricing import PRICES_NOTE, format_usd, training_cost, usage_cost
+from agentsoc.memory_plan import memory_plan, open_model
+from agentsoc.pricing import PRICES_NOTE, TINKER_PRICES_NOTE, format_usd, training_cost, usage_cost
 from agentsoc.prompts import PromptSet, fill
 from agentsoc.tables import text_table
 from agentsoc.tasks.base import Problem
@@ -175,14 +176,6 @@ def estimate(recipe: Recipe) -> tuple[list[Stage], str]:
     return stages, source
 
 
-#: parameters (billions) of the open models the recipes name, matched by a lower-case substring
-OPEN_MODEL_PARAMS_B = {
-    "phi-3-mini": 3.8,
-    "mistral-7b": 7.2,
-    "llama-3-8b": 8.0,
-    "qwen2.5-coder-0.5b": 0.5,
-    "qwen2.5-coder-1.5b": 1.5,
-}
 #: ASSUMED throughput of one H100-class GPU for a 7B model (scaled by size for others): vLLM with
 #: many sequences in flight; training in bf16 at ~40% of ~990 TFLOP/s (6 FLOPs per parameter and
 #: token in full finetuning, ~4 with LoRA: no weight gradients). Not measured here (no GPU):
@@ -193,8 +186,8 @@ GPU_TRAIN_FLOPS_S = 0.4 * 990e12
 
 
 def model_params_b(model: str) -> float | None:
-    name = model.lower()
-    return next((b for key, b in OPEN_MODEL_PARAMS_B.items() if key in name), None)
+    found = open_model(model)
+    return found.params_b if found is not None else None
 
 
 def gpu_hours(recipe: Recipe, stages: list[Stage]) -> tuple[float, float] | None:
@@ -255,7 +248,7 @@ def dry_run(recipe: Recipe) -> str:
         f"chat wall time at concurrency {b.concurrency} and ~{SECONDS_PER_CALL:.0f} s/call: ~{minutes:.0f} min"
         + (" (Batch API: half price, up to 24 h per debate round)" if batch else "")
         + "; fine-tuning jobs add their queue and training time",
-        PRICES_NOTE,
+        TINKER_PRICES_NOTE if b.name == "tinker" else PRICES_NOTE,
     ]
     hours = gpu_hours(recipe, stages) if recipe.backend.name == "vllm" else None
     if hours is not None:
@@ -264,4 +257,13 @@ def dry_run(recipe: Recipe) -> str:
             f"inference ~{hours[0]:.1f} h, training ~{hours[1]:.1f} h"
             + (" (full finetuning)" if recipe.finetune.spec.method == "full" else " (LoRA)")
         )
+    if recipe.backend.name == "vllm":
+        notes += memory_plan(recipe)  # raises RecipeError, naming the setting, when it cannot fit
+    # a dry run is where one decides whether a run reproduces a paper table: say where it will not
+    deviations = paper_deviations(recipe)
+    notes.append(
+        "settings that differ from the paper: "
+        + ("none" if not deviations else str(len(deviations)))
+        + "".join(f"\n  - {d}" for d in deviations)
+    )
     return "\n".join([table, "", *notes])

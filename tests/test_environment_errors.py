@@ -24,14 +24,58 @@ from agentsoc.tasks import gsm8k
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, user: bool = False, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """The CLI in a subprocess; ``user``: as an unprivileged user (root writes anywhere)."""
+#: the unprivileged user the read-only checks run as (root writes anywhere)
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def run_cli(*args: str, user: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess; ``user``: as the unprivileged user, with the environment of :func:`as_user`."""
     cmd = [sys.executable, "-m", "agentsoc.cli", *args]
-    if user and os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot make a directory read-only for the CLI")
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd)
+    env = None
+    if user is not None:
+        env = user
+        if os.geteuid() == 0:
+            cmd = [*NOBODY, *cmd]
+            cwd = Path(user["AGENTSOC_TEST_CWD"])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def as_user() -> Iterator[dict[str, str]]:
+    """The environment in which the unprivileged user can run this checkout's CLI.
+
+    A clone in a directory other users cannot enter (under /root, a ``mktemp -d``) is not importable by
+    that user, so the packages are copied to a folder everyone can read and put first on PYTHONPATH. The
+    interpreter and its installed dependencies must be readable too; where they are not (a .venv inside
+    such a clone), the test skips and says so — it cannot copy an environment."""
+    env = dict(os.environ)
+    if os.geteuid() != 0:
+        yield env
+        return
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot make a directory read-only for the CLI")
+    folder = Path(tempfile.mkdtemp(prefix="agentsoc-user-"))
+    try:
+        for package in ("agentsoc", "backends"):
+            shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        env["PYTHONPATH"] = str(folder)
+        env["AGENTSOC_TEST_CWD"] = str(folder)
+        probe = subprocess.run(
+            [*NOBODY, sys.executable, "-c", "import agentsoc.cli"],
+            capture_output=True, text=True, timeout=120, cwd=folder, env=env,
+        )  # fmt: skip
+        if probe.returncode != 0:
+            why = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(
+                f"the unprivileged user (uid 65534) cannot run {sys.executable} with its dependencies ({why}): "
+                "the Python environment lives where other users cannot read it; put the checkout (or its "
+                "virtual environment) in a directory others can enter to run this test"
+            )
+        yield env
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -69,16 +113,18 @@ def test_corrupt_or_truncated_database_is_one_line(public_tmp: Path) -> None:
         assert str(db) in err and "corrupt or truncated" in err
 
 
-def test_read_only_finished_run_lists_its_jobs_and_refuses_to_run_in_one_line(public_tmp: Path) -> None:
+def test_read_only_finished_run_lists_its_jobs_and_refuses_to_run_in_one_line(
+    public_tmp: Path, as_user: dict[str, str]
+) -> None:
     recipe, run_dir = finished_run(public_tmp)
     for p in [run_dir, *run_dir.rglob("*")]:
         p.chmod(0o555 if p.is_dir() else 0o444)
     try:
-        jobs = run_cli("jobs", str(run_dir), user=True)
+        jobs = run_cli("jobs", str(run_dir), user=as_user)
         assert jobs.returncode == 0, jobs.stderr
         rows = jobs.stdout.strip().splitlines()[2:]
         assert len(rows) >= 2 and all(" succeeded " in r for r in rows)
-        refused = one_line_error(run_cli("run", str(recipe), "--run-dir", str(run_dir), "--resume", user=True))
+        refused = one_line_error(run_cli("run", str(recipe), "--run-dir", str(run_dir), "--resume", user=as_user))
         assert str(run_dir) in refused
     finally:
         for p in [run_dir, *run_dir.rglob("*")]:
