@@ -36,6 +36,7 @@ def configure(*, quiet: bool = False, verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     for name in ("agentsoc", "backends"):
         logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
+        logger.handlers[:] = [handler]  # replaced, not added: configuring twice never prints twice
         logger.setLevel(level)
-        logger.propagate = False
+        # records still reach the root logger (no handler there unless the embedding program adds
+        # one, which then sees them too, as a library's user expects)

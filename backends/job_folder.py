@@ -351,15 +351,17 @@ def job_main(prog: str, train: Callable[[Path], object], argv: Sequence[str] | N
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     project = logging.getLogger("backends")
-    level = project.level
-    project.addHandler(handler)
+    saved = project.level, project.handlers[:], project.propagate
+    # its own handler only: called in a process whose CLI already routed "backends" (a test, an
+    # in-process trainer), an added handler would print every line twice
+    project.handlers[:], project.propagate = [handler], False
     project.setLevel(logging.INFO)
     try:
         code, line = run_job(prog, job_dir, train)
         if line:
             log.log(logging.ERROR if code else logging.INFO, line)
     finally:
-        project.removeHandler(handler)
+        level, project.handlers[:], project.propagate = saved
         project.setLevel(level)
     return code
 

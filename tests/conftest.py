@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.util
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,18 @@ def write_recipe(tmp_path: Path) -> Any:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ray_instance_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Stop every local Ray instance a test started and left behind (a failed assertion before a
+    test's own teardown, an e2e run whose jobs were still pending): each one holds ~1 GB in eleven
+    processes, and a detached instance outlives pytest. Instances record themselves in their run
+    directory (``ray-instance.json``), all of which lie under this session's base temp dir."""
+    yield
+    if importlib.util.find_spec("ray") is None:
+        return
+    from backends.ray_jobs import STATE_FILE, RayJobs
+
+    for state in tmp_path_factory.getbasetemp().rglob(STATE_FILE):
+        RayJobs(state.parent).stop_local()

@@ -67,7 +67,7 @@ def test_run_report_per_iteration(compare_dir: Path) -> None:
 def test_report_without_plots_and_without_matplotlib(compare_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = compare_dir / "debate"
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ReportError, match=r"agentsoc\[plot\]"):
+    with pytest.raises(ReportError, match=r"pip install -e '\.\[plot\]'"):
         render(run_dir)
     text = render(run_dir, plots=False).read_text()
     assert "## Plots" not in text and "| iter |" in text
