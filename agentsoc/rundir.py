@@ -87,8 +87,13 @@ def _has_work(run_dir: Path) -> bool:
 
 def _restart(run_dir: Path, recipe: Recipe) -> None:
     """Bind a run that never did any work to ``recipe``: its resolved recipe and fingerprint."""
-    write_atomic(run_dir / "recipe.toml", tomli_w.dumps(recipe.to_toml_dict()))
-    store = RunStore.open(run_dir)
+    _write_identity(run_dir, recipe)
+
+
+def _write_identity(folder: Path, recipe: Recipe) -> None:
+    """The resolved recipe and a store bound to it: what makes a folder a run of ``recipe``."""
+    write_atomic(folder / "recipe.toml", tomli_w.dumps(recipe.to_toml_dict()))
+    store = RunStore.open(folder)
     try:
         bind(store, recipe)
     finally:
@@ -112,12 +117,7 @@ def _create(run_dir: Path, recipe: Recipe) -> None:
     tmp = run_dir.parent / f".{run_dir.name}.{os.getpid()}.creating"
     tmp.mkdir()
     try:
-        write_atomic(tmp / "recipe.toml", tomli_w.dumps(recipe.to_toml_dict()))
-        store = RunStore.open(tmp)
-        try:
-            bind(store, recipe)
-        finally:
-            store.close()
+        _write_identity(tmp, recipe)
         if run_dir.exists():
             run_dir.rmdir()  # an empty directory (or one holding only a lock file) is not a run yet
         tmp.rename(run_dir)
