@@ -26,6 +26,7 @@ from agentsoc.stats import SE_CONVENTION, format_p, mcnemar_exact, paired_text, 
 from agentsoc.store import RunStore
 from agentsoc.tables import markdown_table
 from agentsoc.transcript import Transcript
+from agentsoc.types import Job
 
 MOCK_BANNER = "> **MOCK BACKEND — simulated agents; numbers say nothing about language models.**"
 
@@ -64,7 +65,8 @@ class RunSummary:
     recipe: Recipe
     records: list[IterationRecord]
     usage: list[dict[str, Any]] = field(default_factory=list)
-    jobs: int = 0
+    #: every fine-tuning job of the run, resubmitted attempts included
+    job_records: list[Job] = field(default_factory=list)
     vs_reference: dict[str, Any] | None = None
     #: the Table 1 column; defaults to the evaluation task's name
     column: str | None = None
@@ -76,6 +78,10 @@ class RunSummary:
     @property
     def col(self) -> str:
         return self.column or self.task
+
+    @property
+    def jobs(self) -> int:
+        return len(self.job_records)
 
     @property
     def task(self) -> str:
@@ -159,7 +165,7 @@ def load_run(run_dir: Path, name: str | None = None, label: str | None = None) -
             recipe=recipe,
             records=records,
             usage=store.usage(),
-            jobs=len(store.jobs()),
+            job_records=store.jobs(),
             correct=correct,
             paired_note=note,
         )
@@ -352,6 +358,18 @@ def dataset_table(run: RunSummary) -> str:
     return markdown_table(header, rows)
 
 
+def job_table(run: RunSummary) -> str | None:
+    """Each job's state and training loss (first → last logged step): a job whose loss did not fall,
+    or fell to nothing on a handful of examples, is visible here without opening its folder."""
+    if not run.job_records:
+        return None
+    rows = []
+    for j in run.job_records:
+        loss = f"{j.losses[0]:.3f} → {j.losses[-1]:.3f}" if j.losses else "–"
+        rows.append([j.key.split("/", 2)[-1], j.state.value, str(j.examples or "–"), str(len(j.losses) or "–"), loss])
+    return markdown_table(["job", "state", "examples", "logged steps", "loss (first → last)"], rows)
+
+
 def usage_table(run: RunSummary) -> str:
     if not run.usage:
         return "_no usage recorded_"
@@ -406,7 +424,8 @@ def _pyplot() -> Any:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ReportError(
-            "plots need matplotlib: pip install -e '.[plot]' (in the agentsoc checkout) (or ask for the report without plots)"
+            "plots need matplotlib: pip install -e '.[plot]' in the agentsoc checkout (or ask for the report "
+            "without plots)"
         ) from e
     return plt
 
@@ -573,11 +592,27 @@ def plot_accuracy_vs_diversity(runs: Sequence[RunSummary], path: Path) -> Path |
     return path
 
 
+def plot_losses(run: RunSummary, path: Path) -> Path | None:
+    """Every job's training loss per logged step, one line each (a run's jobs, not a comparison's)."""
+    curves = [j for j in run.job_records if len(j.losses) > 1]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+    for n, j in enumerate(curves):
+        style = {k: v for k, v in _style(n).items() if k != "marker"}
+        ax.plot(range(1, len(j.losses) + 1), j.losses, label=j.key.split("/", 2)[-1], **style)
+    _finish(fig, ax, path, f"Training loss per job — {run.label}", "logged step", "loss")
+    plt.close(fig)
+    return path
+
+
 def make_plots(runs: Sequence[RunSummary], folder: Path) -> list[Path]:
     out = [plot_accuracy(runs, folder / "accuracy_over_iterations.png")]
     for p in (
         plot_diversity(runs, folder / "diversity_over_iterations.png"),
         plot_accuracy_vs_diversity(runs, folder / "accuracy_vs_diversity.png"),
+        plot_losses(runs[0], folder / "training_loss.png") if len(runs) == 1 else None,
     ):
         if p is not None:
             out.append(p)
@@ -600,11 +635,17 @@ def _run_sections(run: RunSummary, level: str = "##") -> list[str]:
         "",
         dataset_table(run),
         "",
+        *_job_section(run, level + "#"),
         f"{level}# Token usage — {run.label} ({run.jobs} finetuning jobs)",
         "",
         usage_table(run),
         "",
     ]
+
+
+def _job_section(run: RunSummary, level: str) -> list[str]:
+    table = job_table(run)
+    return [] if table is None else [f"{level} Fine-tuning jobs — {run.label}", "", table, ""]
 
 
 def _header(runs: Sequence[RunSummary], title: str) -> list[str]:

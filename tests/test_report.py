@@ -15,6 +15,7 @@ from conftest import mock_recipe
 from agentsoc.baselines import compare
 from agentsoc.config import recipe_from_dict
 from agentsoc.report import MOCK_BANNER, ReportError, render
+from agentsoc.store import RunStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -62,6 +63,22 @@ def test_run_report_per_iteration(compare_dir: Path) -> None:
     assert "\n| 2 | " in text
     assert_real_png(run_dir / "plots" / "accuracy_over_iterations.png")
     assert_real_png(run_dir / "plots" / "diversity_over_iterations.png")
+
+
+def test_run_report_shows_every_job_with_its_loss(compare_dir: Path) -> None:
+    run_dir = compare_dir / "ours"
+    store = RunStore.open(run_dir, readonly=True)
+    try:
+        jobs = store.jobs()
+    finally:
+        store.close()
+    text = render(run_dir).read_text()
+    assert jobs and "| job | state | examples | logged steps | loss (first → last) |" in text
+    for j in jobs:  # each job's row carries its own first and last loss, as stored
+        assert f"| {j.key.split('/', 2)[-1]} | succeeded | {j.examples} | {len(j.losses)} | " in text
+        assert f"{j.losses[0]:.3f} → {j.losses[-1]:.3f}" in text
+    assert_real_png(run_dir / "plots" / "training_loss.png")
+    assert "(plots/training_loss.png)" in text
 
 
 def test_report_without_plots_and_without_matplotlib(compare_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,7 +44,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.torch, pytest.mark.slow]
 def _needs_scale_stack() -> None:
     for module in ("ray", "trl", "torch", "peft", "llama_cpp"):
         if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (pip install -e '.[local,hf,scale]' (in the agentsoc checkout))")
+            pytest.skip(f"{module} is not installed (make install-scale)")
     from backends import bundled
 
     try:
