@@ -165,13 +165,16 @@ def estimate(recipe: Recipe) -> tuple[list[Stage], str]:
     shape = _shape(recipe, prompts, chars)
     base = recipe.society.base_models()[0]
     finetuned = f"ft:{base}:estimate::x"
+    # held-out problems: the evaluation task's when it has its own (zero-shot transfer), else the test split
+    ev_task = recipe.evaluation.task
+    held_out = ev_task.n_test if ev_task is not None else recipe.task.n_test
     stages = [Stage("iter-0/eval")]
-    _debate(stages[0], recipe, shape, recipe.task.n_test, base)
+    _debate(stages[0], recipe, shape, held_out, base)
     for it in range(1, recipe.finetune.iterations + 1):
         train, ft, ev = Stage(f"iter-{it}/train"), Stage(f"iter-{it}/finetune"), Stage(f"iter-{it}/eval")
         _debate(train, recipe, shape, recipe.task.n_train, base if it == 1 else finetuned)
         _finetune(ft, recipe, shape)
-        _debate(ev, recipe, shape, recipe.task.n_test, finetuned)
+        _debate(ev, recipe, shape, held_out, finetuned)
         stages += [train, ft, ev]
     return stages, source
 
