@@ -13,9 +13,9 @@ from typing import Any
 from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks import numeric
-from agentsoc.tasks.base import DataError, Problem, Split
+from agentsoc.tasks.base import DataError, Problem
 from agentsoc.tasks.files import read_records, stable_id, text_field
-from agentsoc.tasks.source import DataOptions, DataSource, Reader, Records, load_split
+from agentsoc.tasks.source import DataOptions, Reader, Records, RecordTask
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
 NAME = "gsm8k"
@@ -41,17 +41,14 @@ PRESET = PromptSet(
 _GROUND_TRUTH = re.compile(r"####\s*(?P<number>[-−]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*$")
 
 
-class Gsm8kTask:
+class Gsm8kTask(RecordTask):
     """GSM8K word problems; answers are numbers, compared with tolerance."""
 
     name = NAME
+    prompts = PRESET
 
-    def __init__(self, data: DataSource | None = None) -> None:
-        self.data = data
-        self.prompts = PRESET
-
-    def load(self, n_train: int, n_test: int, seed: int) -> Split:
-        return load_split(Reader(NAME, read_problems, problems_from_records), self.data, n_train, n_test, seed)
+    def reader(self) -> Reader:
+        return Reader(NAME, read_problems, problems_from_records)
 
     def parse_answer(self, text: str) -> str | None:
         return numeric.parse_number(text)

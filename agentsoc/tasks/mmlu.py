@@ -19,10 +19,10 @@ from typing import Any
 from agentsoc.options import parse_options
 from agentsoc.prompts import PromptSet
 from agentsoc.tasks.attribution import quoted_spans, within
-from agentsoc.tasks.base import DataError, Problem, Split
+from agentsoc.tasks.base import DataError, Problem
 from agentsoc.tasks.boxed import last_boxed
 from agentsoc.tasks.files import stable_id
-from agentsoc.tasks.source import DataOptions, DataSource, Reader, Records, load_split
+from agentsoc.tasks.source import DataOptions, Reader, Records, RecordTask
 from agentsoc.tasks.summary import SUMMARIZER_BLOCK, SUMMARIZER_PREFIX, SUMMARIZER_SUFFIX, summary_message
 
 NAME = "mmlu"
@@ -70,17 +70,14 @@ _TRAILING = re.compile(r"(?:^|[:,]|\*\*)\s*([A-D])[).]?[*\s.]*\Z", re.MULTILINE)
 _LETTERS = ("A", "B", "C", "D")
 
 
-class MmluTask:
+class MmluTask(RecordTask):
     """MMLU questions; the answer is a letter A-D."""
 
     name = NAME
+    prompts = PRESET
 
-    def __init__(self, data: DataSource | None = None) -> None:
-        self.data = data
-        self.prompts = PRESET
-
-    def load(self, n_train: int, n_test: int, seed: int) -> Split:
-        return load_split(Reader(NAME, read_problems, problems_from_records), self.data, n_train, n_test, seed)
+    def reader(self) -> Reader:
+        return Reader(NAME, read_problems, problems_from_records)
 
     def parse_answer(self, text: str) -> str | None:
         """The letter the agent gives as its own, last; a letter it only quotes from another agent as a last resort.

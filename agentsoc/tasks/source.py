@@ -180,3 +180,19 @@ def load_split(reader: Reader, data: DataSource | None, n_train: int, n_test: in
     if data is None:
         raise DataError(f"task '{reader.task}': no data source; give the option 'path' or 'hf_dataset'")
     return data.load(reader, n_train, n_test, seed)
+
+
+class RecordTask:
+    """A task whose problems are records of one data source, read by one :class:`Reader`
+    (GSM8K, MMLU): what those tasks share is construction and loading, not parsing."""
+
+    name: str
+
+    def __init__(self, data: DataSource | None = None) -> None:
+        self.data = data
+
+    def reader(self) -> Reader:
+        raise NotImplementedError
+
+    def load(self, n_train: int, n_test: int, seed: int) -> Split:
+        return load_split(self.reader(), self.data, n_train, n_test, seed)
