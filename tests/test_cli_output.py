@@ -170,3 +170,30 @@ def test_readme_has_the_quick_demo_as_a_command_and_installs_from_the_repository
     # agentsoc is not published on an index: no `pip install agentsoc[...]` / `pip install agentsoc`
     assert not re.search(r"pip install ['\"]?agentsoc\b", readme)
     assert re.search(r"pip install (-e )?['\"]?\.(\[|['\"]|\s|$)", readme, re.M)
+
+
+def test_long_work_is_shown_per_model_call_per_iteration_and_per_job(tmp_path: Path) -> None:
+    """The quick demo sat at '0/3' for eight minutes: progress counts model calls (with tokens/s and an
+    ETA), each stage's bar stays on screen, each iteration's table is printed when it is known (before
+    the next iteration's work), and each finished job says its loss in one line."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(tomli_w.dumps(mock_recipe(**{"finetune.iterations": 2})))
+    done = subprocess.run(
+        [sys.executable, "-m", "agentsoc.cli", "run", str(recipe), "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    err = done.stderr.replace("\r", "\n")
+    # 20 held-out problems x (3 agents x 2 rounds + 3 summaries) = 180 calls, counted one by one
+    finals = [line for line in err.splitlines() if line.startswith("debate iter-0/eval: 100%")]
+    assert finals and "180/180" in finals[-1] and "call" in finals[-1] and "tok/s" in finals[-1]
+    assert re.search(r"debate iter-0/eval:\s+\d+%.*<\d\d:\d\d", err)  # an ETA while it runs
+    # iteration 0's table reaches the screen before iteration 1's first job ends, iteration 1's before 2's
+    first_table, first_job = err.index("\niter "), err.index("/iter-1/agent-")
+    assert first_table < first_job and err.index("\niter ", first_table + 1) < err.index("/iter-2/agent-")
+    job_line = r"^agentsoc: t/\w+/iter-\d/agent-\d/\w+: loss \d\.\d{3} → \d\.\d{3} over \d+ logged steps$"
+    losses = re.findall(job_line, err, re.M)
+    assert len(losses) == 12  # 3 agents x 2 roles x 2 iterations, one line each
