@@ -6,6 +6,7 @@ tests/test_vllm_e2e.py (marked ``vllm``)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import stat
@@ -374,6 +375,13 @@ async def test_a_failed_job_does_not_keep_the_local_ray_instance_up(
     assert not still.stopped and "1 training job(s) still run" in caplog.text
 
 
+#: the backend's start-up check refuses to start without Ray (its training jobs run on it)
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="Ray is not installed (make install-scale)"
+)
+
+
+@needs_ray
 def test_endpoints_and_paths_are_checked_at_start_up_in_seconds(fake_vllm: FakeVllm, tmp_path: Path) -> None:
     folder = model_folder(tmp_path)
     ok = VllmOptions(base_url=fake_vllm.base_url, model=str(folder), served_model_name=BASE_MODEL)
@@ -394,6 +402,7 @@ def test_endpoints_and_paths_are_checked_at_start_up_in_seconds(fake_vllm: FakeV
     assert time.monotonic() - started < 60  # seconds, not a debate's worth of timeouts
 
 
+@needs_ray
 async def test_a_recipe_gives_the_backend_its_society_shape(fake_vllm: FakeVllm, tmp_path: Path) -> None:
     from agentsoc.config import create_backend
 
