@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -30,6 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from agentsoc.backend import Backend, JobFailedError, TransientBackendError
 from agentsoc.store import RunStore
 from agentsoc.types import ChatExample, FinetuneSpec, Job, JobState, ModelRef
+from agentsoc.wrappers import backoff
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,6 @@ class JobRunner:
         ``call`` must be an async function (a ``functools.partial`` of one), not a lambda returning
         a coroutine: tenacity tells the two apart and would hand back the coroutine unawaited."""
 
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome is not None else None
-            hint = exc.retry_after if isinstance(exc, TransientBackendError) else None
-            if hint is not None and hint >= 0:
-                return min(hint, self.max_backoff_s)
-            return random.uniform(0, min(self.max_backoff_s, 0.5 * 2 ** (state.attempt_number - 1)))
-
         def tell(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
             if state.attempt_number == 1:
@@ -136,7 +129,7 @@ class JobRunner:
 
         retrying = AsyncRetrying(
             stop=stop_after_delay(self.job_patience_s),
-            wait=wait,
+            wait=functools.partial(backoff, base_s=0.5, max_s=self.max_backoff_s),
             retry=retry_if_exception_type(TransientBackendError),
             before_sleep=tell,
             reraise=True,

@@ -44,6 +44,16 @@ def tell(line: str) -> None:
     log.warning("%s", line)
 
 
+def backoff(state: RetryCallState, *, base_s: float, max_s: float) -> float:
+    """The wait before the next try, for every retry policy of the project: the server's
+    Retry-After when it gave one, else exponential back-off with full jitter, both capped."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    hint = exc.retry_after if isinstance(exc, TransientBackendError) else None
+    if isinstance(hint, int | float) and hint >= 0:
+        return min(float(hint), max_s)
+    return random.uniform(0, min(max_s, base_s * 2 ** (state.attempt_number - 1)))
+
+
 class _Wrapper:
     """Forwards everything to ``inner``; subclasses override what they change."""
 
@@ -207,12 +217,7 @@ class Retrying(_Wrapper):
         self._paused_until = 0.0  # time.monotonic() before which no call starts
 
     def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        hint = exc.retry_after if isinstance(exc, TransientBackendError) else None
-        if isinstance(hint, int | float) and hint >= 0:
-            return min(float(hint), self.max_backoff_s)
-        cap = min(self.max_backoff_s, self.base_s * 2 ** (state.attempt_number - 1))
-        return random.uniform(0, cap)
+        return backoff(state, base_s=self.base_s, max_s=self.max_backoff_s)
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
