@@ -41,6 +41,7 @@ import openai
 from openai import AsyncOpenAI
 from openai.types import FileObject, Model
 from openai.types.fine_tuning import FineTuningJob
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from agentsoc.atomic import write_atomic
 from agentsoc.backend import (
@@ -284,44 +285,47 @@ class OpenAIBackend:
         calls, with their retries, tell the rest.
         """
         client = self.client.with_options(timeout=httpx2.Timeout(PROBE_TIMEOUT_S, connect=PROBE_CONNECT_S))
+
+        def tell(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            problem = connection_problem(exc) if exc is not None else "no answer"
+            log.warning(
+                "%s: %s; trying again (%d of %d)", self.base_url, problem, state.attempt_number + 1, PROBE_TRIES
+            )
+
+        # unreachable is the one failure worth a few quick tries (a server still starting); the rest
+        # answers in one request
+        reach = AsyncRetrying(
+            stop=stop_after_attempt(PROBE_TRIES),
+            wait=wait_fixed(1.0),
+            retry=retry_if_exception_type((openai.APITimeoutError, openai.APIConnectionError)),
+            before_sleep=tell,
+            reraise=True,
+        )
         for model in dict.fromkeys(models):
-            for attempt in range(1, PROBE_TRIES + 1):
-                try:
-                    await client.models.retrieve(model)
-                except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                    if attempt == PROBE_TRIES:
-                        raise FatalBackendError(
-                            self.scrub(
-                                f"cannot reach {self.base_url}: {connection_problem(e)} ({PROBE_TRIES} tries); "
-                                "check backend.options.base_url, that the server is running, and the network"
-                            )
-                        ) from None
-                    log.warning(
-                        "%s: %s; trying again (%d of %d)",
-                        self.base_url,
-                        connection_problem(e),
-                        attempt + 1,
-                        PROBE_TRIES,
+            try:
+                await reach(client.models.retrieve, model)
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                raise FatalBackendError(
+                    self.scrub(
+                        f"cannot reach {self.base_url}: {connection_problem(e)} ({PROBE_TRIES} tries); "
+                        "check backend.options.base_url, that the server is running, and the network"
                     )
-                    await asyncio.sleep(1.0)
-                    continue
-                except openai.AuthenticationError as e:
-                    raise FatalBackendError(
-                        self.scrub(
-                            f"{self.base_url} refused the API key in {self.key_env} (models.retrieve for model "
-                            f"{model}: HTTP 401: {api_message(e)}); set {self.key_env} to a valid key"
-                        )
+                ) from None
+            except openai.AuthenticationError as e:
+                raise FatalBackendError(
+                    self.scrub(
+                        f"{self.base_url} refused the API key in {self.key_env} (models.retrieve for model "
+                        f"{model}: HTTP 401: {api_message(e)}); set {self.key_env} to a valid key"
+                    )
+                ) from None
+            except openai.NotFoundError as e:
+                if _names_model(e, model):
+                    raise ModelNotFoundError(
+                        self.scrub(f"model {model} is not served at {self.base_url}" + self.not_found_hint(e, model))
                     ) from None
-                except openai.NotFoundError as e:
-                    if _names_model(e, model):
-                        raise ModelNotFoundError(
-                            self.scrub(
-                                f"model {model} is not served at {self.base_url}" + self.not_found_hint(e, model)
-                            )
-                        ) from None
-                except Exception:  # the endpoint answered: that is all the probe asks
-                    pass
-                break
+            except Exception:  # the endpoint answered: that is all the probe asks
+                pass
 
     # -- chat -----------------------------------------------------------------------------------
     @staticmethod
